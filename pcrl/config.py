@@ -140,7 +140,7 @@ class ViewsConfig:
     """Slices looked at for the tissue score (first tissue slice k of d..d+depth-1 scores 1 - k/(depth-1))."""
     tissue_max_fraction: float = 0.15
     """A view whose mean tissue score is above this fraction is rejected (the same for every crop size)."""
-    max_tries: int = 50
+    max_tries: int = 200
     """Draws before the least-tissue candidate is taken anyway, so sampling always terminates."""
     flip_prob: float = 0.5
     """Probability of flipping each axis listed in ``flip_axes``."""
