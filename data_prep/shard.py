@@ -1,0 +1,760 @@
+"""Volumes on disk → WebDataset tar shards + ``manifest.jsonl`` / ``rejects.jsonl`` / ``summary.json``.
+
+Usage::
+
+    python -m data_prep.shard --input RAW [RAW ...] --output SHARDS [--spacing 1 1 1] [--modality auto]
+        [--shard-size-mb 256] [--split train=0.9,val=0.1] [--workers N] [--exclude GLOB ...]
+
+Each input file goes through: read (:mod:`data_prep.readers`) → canonical RAS+ → linear resampling to the
+target spacing → intensity policy (CT: int16 HU clipped to [-1024, 3071]; MR: float16, percentiles
+0.5/99.5 → [0, 1]) → one sample ``<key>.image.npy.zst`` + ``<key>.meta.json``. Every input ends as exactly
+one ``manifest.jsonl`` line or one ``rejects.jsonl`` line with the reason.
+
+The output is byte-for-byte deterministic for any ``--workers``: inputs are sorted, workers only prepare
+samples, and the parent writes them in input order into tars with fixed metadata (mtime 0, uid/gid 0).
+Keys are the first 16 hex digits of the sha256 of the uncompressed ``.npy`` bytes (see
+:func:`pcrl.data.encode_volume`); two inputs with identical content are one volume (the second is rejected
+as a duplicate). Files appear under temporary names and are renamed when complete; the manifest is
+written last, so a folder with a manifest is a complete shard set.
+
+Exit codes: 0 done, 2 usage error, 3 more rejects than ``--max-reject-fraction`` (outputs still written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fnmatch
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import tarfile
+import time
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_prep.readers import RawVolume, RejectedInput, load_volume, volume_suffix
+from pcrl.data import (
+    CT_HU_RANGE,
+    IMAGE_SUFFIX,
+    MANIFEST_KEYS,
+    MANIFEST_NAME,
+    META_SUFFIX,
+    SPLITS,
+    encode_volume,
+)
+
+__all__ = [
+    "ShardOptions",
+    "Summary",
+    "assign_split",
+    "find_inputs",
+    "main",
+    "output_shape",
+    "parse_splits",
+    "patient_hash",
+    "resample",
+    "shard_volumes",
+]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MR_PERCENTILES = (0.5, 99.5)
+REJECTS_NAME = "rejects.jsonl"
+SUMMARY_NAME = "summary.json"
+SHARD_PATTERN = "shard-{:06d}.tar"
+# Heuristic for formats without a modality tag: integer voxels reaching this low are CT (air is -1000 HU).
+CT_MIN_HU = -500
+
+
+# --- options ------------------------------------------------------------------------------------------
+
+
+def parse_splits(text: str) -> dict[str, float]:
+    """``"train=0.9,val=0.1"`` → ``{"train": 0.9, "val": 0.1}`` (fractions must sum to 1)."""
+    splits: dict[str, float] = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or name not in SPLITS:
+            raise ValueError(
+                f"--split: expected name=fraction with name in {', '.join(SPLITS)}, got {part!r}"
+            )
+        if name in splits:
+            raise ValueError(f"--split: {name} given twice in {text!r}")
+        try:
+            splits[name] = float(value)
+        except ValueError:
+            raise ValueError(f"--split: {value!r} is not a number (in {text!r})") from None
+        if not 0.0 <= splits[name] <= 1.0:
+            raise ValueError(f"--split: fraction of {name} must be in [0, 1], got {splits[name]}")
+    if abs(sum(splits.values()) - 1.0) > 1e-6:
+        raise ValueError(f"--split: fractions must sum to 1, got {sum(splits.values())} from {text!r}")
+    return splits
+
+
+@dataclass(frozen=True)
+class ShardOptions:
+    """Options of :func:`shard_volumes` (the CLI flags of the same names)."""
+
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    """Target voxel size (x, y, z) in mm."""
+    modality: str = "auto"
+    """``auto`` (integer voxels with min <= -500 → CT, else MR), ``ct`` or ``mr``."""
+    shard_size_mb: float = 256.0
+    """Target shard size; a shard closes before the sample that would push it past this."""
+    splits: Mapping[str, float] = field(default_factory=lambda: {"train": 0.9, "val": 0.1})
+    """Split fractions, assigned by a salted hash of the patient id."""
+    workers: int = 1
+    """Processes preparing volumes (<= 1: in this process). The output does not depend on it."""
+    max_reject_fraction: float = 0.5
+    """The CLI exits 3 when more than this fraction of the inputs is rejected."""
+    min_size: tuple[int, int, int] = (64, 64, 32)
+    """Smallest accepted (x, y, z) shape after resampling."""
+    max_voxels: int = 1024**3
+    """Largest accepted volume after resampling (keeps one volume's memory bounded)."""
+    exclude: tuple[str, ...] = ()
+    """Glob patterns (matched against the file name and the path relative to its input root) to skip."""
+    salt: str = "pcrl"
+    """Salt of the patient-id hash (stored ids and split assignment)."""
+    format: str = "webdataset"
+    """Output format; ``zarr`` is a later addition."""
+    overwrite: bool = False
+    """Replace an existing shard set in the output folder."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        if len(self.spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in self.spacing):
+            raise ValueError(f"spacing must be three positive numbers (mm), got {list(self.spacing)}")
+        if self.modality not in ("auto", "ct", "mr"):
+            raise ValueError(f"modality must be auto, ct or mr, got {self.modality!r}")
+        if not self.shard_size_mb > 0:
+            raise ValueError(f"shard_size_mb must be > 0, got {self.shard_size_mb}")
+        if (
+            not self.splits
+            or any(k not in SPLITS for k in self.splits)
+            or abs(sum(self.splits.values()) - 1) > 1e-6
+        ):
+            raise ValueError(
+                f"splits must map {', '.join(SPLITS)} to fractions summing to 1, got {dict(self.splits)}"
+            )
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if not 0.0 <= self.max_reject_fraction <= 1.0:
+            raise ValueError(f"max_reject_fraction must be in [0, 1], got {self.max_reject_fraction}")
+        if len(self.min_size) != 3 or min(self.min_size) < 1:
+            raise ValueError(f"min_size must be three positive voxel counts, got {list(self.min_size)}")
+        if self.format != "webdataset":
+            raise ValueError(f"format {self.format!r} is not supported yet; use webdataset")
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One input volume and the root it was found under (``source`` is relative to that root)."""
+
+    path: Path
+    root: Path
+
+    @property
+    def source(self) -> str:
+        return self.path.relative_to(self.root).as_posix()
+
+
+def find_inputs(inputs: Sequence[Path], exclude: Sequence[str] = ()) -> list[InputFile]:
+    """Files given directly, plus volume files found recursively under folders, sorted, minus ``exclude``.
+
+    Raises:
+        FileNotFoundError: an input does not exist, or no volume file is found at all.
+    """
+    found: dict[Path, InputFile] = {}
+    for raw in inputs:
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            root = path.absolute()
+            for p in sorted(root.rglob("*")):
+                if p.is_file() and volume_suffix(p) is not None:
+                    found.setdefault(p, InputFile(p, root))
+        elif path.is_file():
+            p = path.absolute()
+            found.setdefault(p, InputFile(p, p.parent))  # explicit files are taken whatever their suffix
+        else:
+            raise FileNotFoundError(f"input {raw} does not exist")
+
+    def excluded(item: InputFile) -> bool:
+        return any(fnmatch.fnmatch(item.path.name, g) or fnmatch.fnmatch(item.source, g) for g in exclude)
+
+    items = sorted((i for i in found.values() if not excluded(i)), key=lambda i: str(i.path))
+    if not items:
+        raise FileNotFoundError(
+            f"no volume files (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd) found in {[str(p) for p in inputs]}"
+            + (f" after --exclude {list(exclude)}" if exclude else "")
+        )
+    return items
+
+
+# --- per-volume processing (runs in worker processes) -------------------------------------------------
+
+
+def patient_id(item: InputFile) -> str:
+    """The top folder under the input root, or the file name without its volume suffix."""
+    parts = Path(item.source).parts
+    if len(parts) > 1:
+        return parts[0]
+    suffix = volume_suffix(item.path)
+    return item.path.name[: -len(suffix)] if suffix else item.path.stem
+
+
+def patient_hash(patient: str, salt: str) -> str:
+    """Salted sha256 of a patient id (16 hex digits); the raw id never reaches the shards."""
+    return hashlib.sha256(f"{salt}\0{patient}".encode()).hexdigest()[:16]
+
+
+def assign_split(hashed_patient: str, splits: Mapping[str, float]) -> str:
+    """Map a patient hash to [0, 1) and pick the split whose cumulative fraction range holds it."""
+    u = int(hashed_patient, 16) / 16 ** len(hashed_patient)
+    total = 0.0
+    for name, fraction in splits.items():
+        total += fraction
+        if u < total:
+            return name
+    return next(name for name, f in reversed(list(splits.items())) if f > 0)  # u beyond a sum of 1 - eps
+
+
+def output_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> list[int]:
+    """Voxels per axis after resampling: ``floor(n · spacing / target)``, tolerant to float noise in headers
+    (0.7812499 mm × 256 is 200 voxels of 1 mm, not 199)."""
+    return [
+        max(1, math.floor(float(n) * float(s) / float(t) + 1e-4))
+        for n, s, t in zip(shape, spacing, target, strict=True)
+    ]
+
+
+def _interpolate_scale(n: int, spacing: float, target: float, size: int) -> float:
+    """The scale factor for ``F.interpolate`` that gives ``size`` voxels (it floors ``n · scale``)."""
+    scale = spacing / target
+    if math.floor(n * scale) == size:
+        return scale
+    scale = size / n  # within 1e-4 voxel of spacing / target over the whole axis
+    while math.floor(n * scale) < size:
+        scale = math.nextafter(scale, math.inf)
+    return scale
+
+
+def resample(
+    array: np.ndarray, affine: np.ndarray, spacing: Sequence[float], target: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Trilinear resampling on the same axes to voxel size ``target``, keeping the field of view centred.
+
+    Output voxel ``i`` samples input index ``(i + 0.5)·r - 0.5`` with ``r = target / spacing`` (edge voxels
+    are replicated: ``align_corners=False``), and there are :func:`output_shape` voxels per axis. Memory:
+    one float32 copy of the input plus the output.
+
+    Args:
+        array: (X, Y, Z) voxels.
+        affine: (4, 4) voxel → world of ``array``.
+        spacing: current voxel size per axis (mm).
+        target: wanted voxel size per axis (mm).
+
+    Returns:
+        (X', Y', Z') float32 array and its (4, 4) affine.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    sizes = output_shape(array.shape, spacing, target)
+    scales = [
+        _interpolate_scale(n, s, t, m) for n, s, t, m in zip(array.shape, spacing, target, sizes, strict=True)
+    ]
+    x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    if any(abs(s - 1.0) > 1e-9 for s in scales):
+        # recompute_scale_factor=False: the kernel steps exactly 1/scale input voxels per output voxel.
+        x = F.interpolate(x[None, None], scale_factor=scales, mode="trilinear", align_corners=False,
+                          recompute_scale_factor=False)[0, 0]  # fmt: skip
+    assert list(x.shape) == sizes, (list(x.shape), sizes, scales)
+    ratios = [1.0 / s for s in scales]
+    step = np.eye(4)
+    step[:3, :3] = np.diag(ratios)
+    step[:3, 3] = [0.5 * r - 0.5 for r in ratios]
+    return x.numpy(), affine @ step
+
+
+def _modality(raw: RawVolume, override: str) -> tuple[str, str]:
+    if override != "auto":
+        return override, "option"
+    if raw.modality_hint is not None:
+        return raw.modality_hint, "header"
+    is_ct = raw.stored_dtype.kind in "iu" and float(raw.array.min()) <= CT_MIN_HU
+    return ("ct" if is_ct else "mr"), "heuristic"
+
+
+def _intensity(volume: np.ndarray, modality: str) -> tuple[np.ndarray, dict[str, Any]]:
+    if modality == "ct":
+        lo, hi = CT_HU_RANGE
+        stored = np.clip(np.rint(volume), lo, hi).astype(np.int16)
+        return stored, {"kind": "ct_hu", "clip_hu": [lo, hi], "dtype": "int16"}
+    p_lo, p_hi = (float(v) for v in np.percentile(volume, MR_PERCENTILES))
+    if not p_hi > p_lo:
+        raise RejectedInput(f"constant intensity: percentiles {list(MR_PERCENTILES)} are both {p_lo:g}")
+    stored = np.clip((volume - p_lo) / (p_hi - p_lo), 0.0, 1.0).astype(np.float16)
+    policy = {
+        "kind": "mr_percentile",
+        "percentiles": list(MR_PERCENTILES),
+        "values": [p_lo, p_hi],
+        "dtype": "float16",
+    }
+    return stored, policy
+
+
+@dataclass
+class Prepared:
+    """A volume ready to write: the two tar members and the manifest facts."""
+
+    index: int
+    key: str
+    image: bytes
+    meta: bytes
+    info: dict[str, Any]
+
+
+@dataclass
+class Rejected:
+    index: int
+    source: str
+    path: str
+    reason: str
+
+
+def prepare_volume(index: int, item: InputFile, options: ShardOptions) -> Prepared | Rejected:
+    """Read, reorient, resample and encode one input; never raises for a bad input (returns Rejected)."""
+    try:
+        return _prepare(index, item, options)
+    except RejectedInput as e:
+        return Rejected(index, item.source, str(item.path), str(e))
+    except MemoryError:
+        return Rejected(index, item.source, str(item.path), "out of memory while preparing the volume")
+    except Exception as e:  # a reader bug must not stop a 10^5-volume job; it is reported, not hidden
+        logger.exception("unexpected error on %s", item.path)
+        return Rejected(index, item.source, str(item.path), f"unexpected error: {type(e).__name__}: {e}")
+
+
+def _prepare(index: int, item: InputFile, options: ShardOptions) -> Prepared:
+    raw = load_volume(item.path)
+    source_shape = [int(n) for n in raw.array.shape]
+    source_spacing = [round(s, 6) for s in raw.spacing]
+    modality, modality_source = _modality(raw, options.modality)
+    out_shape = output_shape(source_shape, raw.spacing, options.spacing)
+    if int(np.prod(out_shape, dtype=np.int64)) > options.max_voxels:
+        raise RejectedInput(
+            f"too large after resampling: shape {out_shape} has more than {options.max_voxels} voxels"
+        )
+    if any(n < m for n, m in zip(out_shape, options.min_size, strict=True)):
+        raise RejectedInput(
+            f"too small after resampling to {list(options.spacing)} mm: shape {out_shape} < minimum "
+            f"{list(options.min_size)} (lower --min-size to keep it)"
+        )
+    volume, affine = resample(raw.array, raw.affine, raw.spacing, options.spacing)
+    del raw.array
+    stored, policy = _intensity(volume, modality)
+    del volume
+    image, key = encode_volume(stored)
+    spacing = [float(round(v, 6)) for v in np.linalg.norm(affine[:3, :3], axis=0)]
+    patient = patient_hash(patient_id(item), options.salt)
+    split = assign_split(patient, options.splits)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "key": key,
+        "source": item.source,
+        "modality": modality,
+        "modality_source": modality_source,
+        "dtype": str(stored.dtype),
+        "shape": [int(n) for n in stored.shape],
+        "spacing": spacing,
+        "affine": [[float(v) for v in row] for row in affine],
+        "intensity": policy,
+        "patient": patient,
+        "split": split,
+        "source_shape": source_shape,
+        "source_spacing": source_spacing,
+        "source_dtype": str(raw.stored_dtype),
+        "source_orientation": raw.header.get("source_orientation", ""),
+    }
+    info = {
+        k: meta[k] for k in ("key", "shape", "spacing", "modality", "dtype", "split", "source", "patient")
+    }
+    return Prepared(index, key, image, json.dumps(meta, sort_keys=True).encode(), info)
+
+
+def _init_worker() -> None:
+    import torch
+
+    # One process per core already; intra-op threads would oversubscribe.
+    torch.set_num_threads(1)
+
+
+# --- writing -------------------------------------------------------------------------------------------
+
+
+class ShardWriter:
+    """Writes samples into ``shard-NNNNNN.tar`` files of about ``max_bytes`` each, deterministically."""
+
+    def __init__(self, output: Path, max_bytes: int) -> None:
+        self.output = output
+        self.max_bytes = max_bytes
+        self.shards: list[str] = []
+        self._tar: tarfile.TarFile | None = None
+        self._tmp: Path | None = None
+
+    @staticmethod
+    def _member_bytes(size: int) -> int:
+        return tarfile.BLOCKSIZE + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+    def add(self, key: str, members: Sequence[tuple[str, bytes]]) -> dict[str, tuple[int, int]]:
+        """Append one sample (never split across shards). Returns member suffix → (data offset, size)."""
+        need = sum(self._member_bytes(len(data)) for _, data in members)
+        if self._tar is not None and self._tar.offset + need > self.max_bytes:
+            self._close_shard()
+        if self._tar is None:
+            name = SHARD_PATTERN.format(len(self.shards))
+            self._tmp = self.output / f"{name}.tmp"
+            self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (spans many add() calls)
+            self.shards.append(name)
+        tar = self._tar
+        offsets: dict[str, tuple[int, int]] = {}
+        for suffix, data in sorted(members):
+            info = tarfile.TarInfo(f"{key}.{suffix}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            header = len(info.tobuf(tar.format, tar.encoding, tar.errors))
+            data_offset = tar.offset + header
+            tar.addfile(info, _BytesReader(data))
+            assert tar.offset == data_offset + -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            offsets[suffix] = (data_offset, len(data))
+        return offsets
+
+    @property
+    def current(self) -> str:
+        return self.shards[-1]
+
+    def _close_shard(self) -> None:
+        assert self._tar is not None and self._tmp is not None
+        self._tar.close()
+        self._tmp.replace(self._tmp.with_suffix(""))  # shard-000000.tar.tmp → shard-000000.tar
+        self._tar = self._tmp = None
+
+    def close(self) -> None:
+        if self._tar is not None:
+            self._close_shard()
+
+
+class _BytesReader:
+    """Minimal file object for ``TarFile.addfile`` without copying ``data`` into a BytesIO."""
+
+    def __init__(self, data: bytes) -> None:
+        self._view = memoryview(data)
+        self._pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self._view) if n < 0 else self._pos + n
+        chunk = self._view[self._pos : end]
+        self._pos += len(chunk)
+        return bytes(chunk)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def _prepare_output(output: Path, overwrite: bool) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    ours = [*output.glob("shard-*.tar"), *(output / n for n in (MANIFEST_NAME, REJECTS_NAME, SUMMARY_NAME))]
+    existing = [p for p in ours if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{output} already holds a shard set ({existing[0].name}, ...); pass --overwrite or choose an empty folder"
+        )
+    # Leftovers of an interrupted run (*.tmp) and, with overwrite, the previous set.
+    for p in [*existing, *output.glob("*.tmp")]:
+        p.unlink()
+
+
+# --- the job -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Summary:
+    """What a sharding job did (also written to ``summary.json``)."""
+
+    output: str
+    inputs: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    per_split: dict[str, int] = field(default_factory=dict)
+    per_modality: dict[str, int] = field(default_factory=dict)
+    shards: int = 0
+    total_bytes: int = 0
+    max_reject_fraction: float = 0.5
+    seconds: float = 0.0
+    arguments: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def reject_fraction(self) -> float:
+        return self.rejected / self.inputs if self.inputs else 0.0
+
+    @property
+    def too_many_rejects(self) -> bool:
+        return self.reject_fraction > self.max_reject_fraction
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "reject_fraction": self.reject_fraction}
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": sys.version.split()[0]}
+    for dist in ("pcrl", "numpy", "torch", "nibabel", "SimpleITK", "zstandard"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def _results(items: Sequence[InputFile], options: ShardOptions) -> Iterator[Prepared | Rejected]:
+    """Prepared volumes in input order; with workers, at most 2·workers volumes in flight (bounded memory)."""
+    if options.workers <= 1:
+        for i, item in enumerate(items):
+            yield prepare_volume(i, item, options)
+        return
+    import multiprocessing
+
+    # Not fork: the parent may hold torch/OpenMP threads. forkserver imports the heavy libraries once (torch
+    # takes seconds) and forks each worker from that clean, thread-free process; spawn where it is missing.
+    # (Not data_prep.shard itself: under `python -m` the workers re-run it as __mp_main__, and a preloaded
+    # copy makes runpy warn.)
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(
+            ["torch", "SimpleITK", "nibabel", "zstandard", "pcrl.data", "data_prep.readers"]
+        )
+    else:
+        ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=options.workers, mp_context=ctx, initializer=_init_worker) as pool:
+        pending: deque[tuple[InputFile, Future[Prepared | Rejected]]] = deque()
+        todo = iter(enumerate(items))
+        for i, item in todo:
+            pending.append((item, pool.submit(prepare_volume, i, item, options)))
+            if len(pending) >= 2 * options.workers:
+                break
+        while pending:
+            item, future = pending.popleft()
+            try:
+                result = future.result()
+            except BrokenProcessPool:
+                raise RuntimeError(
+                    f"a worker process died while preparing {item.path} or a volume next to it "
+                    "(out of memory?); retry with fewer --workers"
+                ) from None
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append((nxt[1], pool.submit(prepare_volume, nxt[0], nxt[1], options)))
+            yield result
+
+
+def shard_volumes(inputs: Sequence[Path], output: Path, **options: Any) -> Summary:
+    """Shard volume files into ``output``. See the module docstring for the layout.
+
+    Args:
+        inputs: files and/or folders (searched recursively for NIfTI/NRRD/MetaImage files).
+        output: the shard folder to create.
+        **options: fields of :class:`ShardOptions`.
+
+    Returns:
+        The :class:`Summary`; check ``summary.too_many_rejects`` (the CLI exits 3 on it).
+
+    Raises:
+        FileNotFoundError: an input does not exist or no volume file is found.
+        FileExistsError: ``output`` already holds a shard set and ``overwrite`` is not set.
+        ValueError: an invalid option.
+    """
+    return _run(*_start(inputs, Path(output), options))
+
+
+def _start(
+    inputs: Sequence[Path], output: Path, options: Mapping[str, Any]
+) -> tuple[Sequence[Path], Path, ShardOptions, list[InputFile]]:
+    """Everything that can fail because of the user's request, before any volume is read."""
+    opts = ShardOptions(**options)
+    items = find_inputs(inputs, opts.exclude)
+    _prepare_output(output, opts.overwrite)
+    return inputs, output, opts, items
+
+
+def _run(inputs: Sequence[Path], output: Path, opts: ShardOptions, items: list[InputFile]) -> Summary:
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    summary = Summary(
+        output=str(output.absolute()),
+        inputs=len(items),
+        max_reject_fraction=opts.max_reject_fraction,
+        arguments={
+            "inputs": [str(p) for p in inputs],
+            "output": str(output),
+            **{
+                k: (dict(v) if isinstance(v, Mapping) else list(v) if isinstance(v, tuple) else v)
+                for k, v in dataclasses.asdict(opts).items()
+            },
+        },
+        versions=_versions(),
+    )
+    writer = ShardWriter(output, int(opts.shard_size_mb * 2**20))
+    manifest: list[str] = []
+    rejects: list[str] = []
+    seen: dict[str, str] = {}
+    bar = tqdm(total=len(items), unit="vol", desc="sharding", disable=not opts.progress, file=sys.stderr)
+    try:
+        for result in _results(items, opts):
+            bar.update(1)
+            if isinstance(result, Prepared) and result.key in seen:
+                result = Rejected(
+                    result.index, result.info["source"], str(items[result.index].path),
+                    f"duplicate: same voxels as {seen[result.key]} (key {result.key})",
+                )  # fmt: skip
+            if isinstance(result, Rejected):
+                summary.rejected += 1
+                rejects.append(
+                    json.dumps({"source": result.source, "path": result.path, "reason": result.reason})
+                )
+                logger.info("rejected %s: %s", result.path, result.reason)
+                continue
+            seen[result.key] = result.info["source"]
+            offsets = writer.add(result.key, [(IMAGE_SUFFIX, result.image), (META_SUFFIX, result.meta)])
+            info = result.info
+            line = {
+                "key": result.key,
+                "shard": writer.current,
+                "offset": offsets[IMAGE_SUFFIX][0],
+                "size": offsets[IMAGE_SUFFIX][1],
+                "meta_offset": offsets[META_SUFFIX][0],
+                "meta_size": offsets[META_SUFFIX][1],
+                "shape": info["shape"],
+                "spacing": info["spacing"],
+                "modality": info["modality"],
+                "dtype": info["dtype"],
+                "split": info["split"],
+                "checksum": "sha256:" + hashlib.sha256(result.image).hexdigest(),
+                "source": info["source"],
+                "patient": info["patient"],
+            }
+            assert set(MANIFEST_KEYS) <= set(line)
+            manifest.append(json.dumps(line))
+            summary.accepted += 1
+            summary.per_split[info["split"]] = summary.per_split.get(info["split"], 0) + 1
+            summary.per_modality[info["modality"]] = summary.per_modality.get(info["modality"], 0) + 1
+        writer.close()
+    finally:
+        bar.close()
+    summary.shards = len(writer.shards)
+    summary.total_bytes = sum((output / s).stat().st_size for s in writer.shards)
+    summary.seconds = round(time.perf_counter() - start, 3)
+    _write_atomic(output / REJECTS_NAME, "".join(r + "\n" for r in rejects))
+    _write_atomic(output / SUMMARY_NAME, json.dumps(summary.to_dict(), indent=2, sort_keys=True) + "\n")
+    _write_atomic(output / MANIFEST_NAME, "".join(m + "\n" for m in manifest))  # last: marks the set complete
+    return summary
+
+
+# --- CLI -----------------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m data_prep.shard",
+        description="Shard NIfTI/NRRD/MetaImage volumes into WebDataset tars with a seekable manifest.",
+    )
+    p.add_argument("--input", nargs="+", action="extend", required=True, type=Path, metavar="PATH",
+                   help="volume files or folders (searched recursively)")  # fmt: skip
+    p.add_argument("--output", required=True, type=Path, metavar="DIR", help="shard folder to write")
+    p.add_argument("--format", default="webdataset", choices=["webdataset"], help="output format")
+    p.add_argument("--spacing", nargs=3, type=float, default=[1.0, 1.0, 1.0], metavar=("X", "Y", "Z"),
+                   help="target voxel size in mm (default: 1 1 1)")  # fmt: skip
+    p.add_argument("--modality", default="auto", choices=["auto", "ct", "mr"],
+                   help="auto: integer voxels with min <= -500 are CT, the rest MR")  # fmt: skip
+    p.add_argument("--shard-size-mb", type=float, default=256.0, help="target shard size (default: 256)")
+    p.add_argument(
+        "--split", default="train=0.9,val=0.1", help="split fractions by patient (default: train=0.9,val=0.1)"
+    )
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="processes preparing volumes (default: min(8, cores)); the output does not depend on it")  # fmt: skip
+    p.add_argument("--max-reject-fraction", type=float, default=0.5,
+                   help="exit with code 3 when more inputs than this are rejected (default: 0.5)")  # fmt: skip
+    p.add_argument("--min-size", nargs=3, type=int, default=[64, 64, 32], metavar=("X", "Y", "Z"),
+                   help="smallest accepted shape after resampling (default: 64 64 32)")  # fmt: skip
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="skip files whose name or relative path matches (repeatable), e.g. '*_label*'")  # fmt: skip
+    p.add_argument("--salt", default="pcrl", help="salt of the patient-id hash")
+    p.add_argument("--overwrite", action="store_true", help="replace a shard set already in --output")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        options = {
+            "spacing": tuple(args.spacing),
+            "modality": args.modality,
+            "shard_size_mb": args.shard_size_mb,
+            "splits": parse_splits(args.split),
+            "workers": args.workers,
+            "max_reject_fraction": args.max_reject_fraction,
+            "min_size": tuple(args.min_size),
+            "exclude": tuple(args.exclude),
+            "salt": args.salt,
+            "format": args.format,
+            "overwrite": args.overwrite,
+            "progress": not args.no_progress,
+        }
+        job = _start(args.input, args.output, options)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        parser.error(str(e))  # exits 2
+    summary = _run(*job)
+    print(
+        f"sharded {summary.accepted} of {summary.inputs} volumes into {summary.shards} shards "
+        f"({summary.total_bytes / 2**20:.1f} MiB) in {summary.seconds:.1f} s: splits {summary.per_split}, "
+        f"modalities {summary.per_modality}, {summary.rejected} rejected → {args.output}"
+    )
+    if summary.too_many_rejects:
+        print(
+            f"error: rejected {summary.rejected} of {summary.inputs} inputs ({summary.reject_fraction:.0%}), more than "
+            f"--max-reject-fraction {summary.max_reject_fraction}; the reasons are in {args.output / REJECTS_NAME}",
+            file=sys.stderr,
+        )
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    # Run the imported module's main so worker processes unpickle data_prep.shard.*, not __main__.*.
+    from data_prep.shard import main as _main
+
+    sys.exit(_main())
