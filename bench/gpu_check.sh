@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The one prepared GPU check (a few minutes): bf16 training throughput, MFU and peak memory of the full
+# PCRLv2 objective at the paper's size and micro-batch 8-32, fp32 at micro-batch 8 as the baseline, and
+# the torch view renderer on the GPU. Results go to $OUT (default /tmp/pcrl-gpu-check) as JSON.
+#   bash bench/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/pcrl-gpu-check}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+# H100 SXM dense bf16 peak (TFLOP/s) for MFU; override for other cards.
+PEAK=${PEAK_TFLOPS:-989}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+
+run() {  # name, timeout, command...
+  local name=$1 limit=$2; shift 2
+  echo "== $name"
+  timeout "$limit" "$@" > "$OUT/$name.json" 2> "$OUT/$name.err" || echo "   $name failed (rc $?), see $name.err"
+  $PY - "$OUT/$name.json" <<'PYEOF' 2>/dev/null || true
+import json, sys
+r = json.load(open(sys.argv[1]))
+if "results" in r:
+    for k, v in r["results"].items():
+        mem = v.get("peak_mem_gib", 0)
+        print(f"   {k:10s} B={r['batch']:3d} {v['samples_per_s']:8.1f} samples/s {v['tflops']:7.1f} TFLOP/s "
+              f"MFU {100 * v.get('mfu', 0):5.1f}% peak {mem:5.1f} GiB")
+else:
+    print("  ", json.dumps(r))
+PYEOF
+}
+
+COMMON=(bench/train_step.py --device cuda --base-channels 32 --global-size 64 64 32 --local-size 16 16 16
+        --steps 10 --warmup 3 --peak-tflops "$PEAK" --json)
+run train_b8 240 $PY "${COMMON[@]}" --batch 8 --variants fp32 bf16 bf16-cl
+run train_b16 150 $PY "${COMMON[@]}" --batch 16 --variants bf16 bf16-cl
+run train_b32 150 $PY "${COMMON[@]}" --batch 32 --variants bf16 bf16-cl
+
+run views_gpu 120 $PY - <<'PYEOF'
+import json, time, torch
+from pcrl.config import ViewsConfig
+from pcrl.views import PCRLv2Views
+views = PCRLv2Views(ViewsConfig())
+g = torch.Generator(device="cuda").manual_seed(0)
+vol = torch.rand((300, 300, 240), device="cuda", generator=g)
+for s in range(5):
+    views(vol, seed=s, tissue_threshold=None)
+torch.cuda.synchronize(); t0 = time.perf_counter(); n = 100
+for s in range(n):
+    views(vol, seed=s, tissue_threshold=None)
+torch.cuda.synchronize(); dt = (time.perf_counter() - t0) / n
+print(json.dumps({"views_ms_per_sample": dt * 1e3, "samples_per_s": 1 / dt, "note": "2 global + 6 local views, paper sizes, one sample per call"}))
+PYEOF
+echo "results in $OUT"

@@ -1,0 +1,168 @@
+"""Process-group helpers that degrade to one process, and the DeepSpeed config derived from ours.
+
+Every helper works without ``torch.distributed`` being initialised (rank 0 of 1), so each component runs
+in plain ``pytest``. Nothing else in pcrl reads ``RANK``/``WORLD_SIZE`` from the environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pcrl.config import ConfigError, PretrainConfig
+
+__all__ = [
+    "all_reduce_mean",
+    "barrier",
+    "deepspeed_config",
+    "init_distributed",
+    "is_main",
+    "local_rank",
+    "local_world_size",
+    "rank",
+    "world_size",
+]
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """Global rank (0 without a process group)."""
+    return dist.get_rank() if _initialized() else 0
+
+
+def world_size() -> int:
+    """Number of processes (1 without a process group)."""
+    return dist.get_world_size() if _initialized() else 1
+
+
+def local_rank() -> int:
+    """Rank within this node, from the launcher's ``LOCAL_RANK`` (0 when launched by hand)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def local_world_size() -> int:
+    """Processes on this node (``LOCAL_WORLD_SIZE`` from torchrun/deepspeed, else 1)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
+
+
+def is_main() -> bool:
+    """True on global rank 0: the one process that logs, tracks and writes shared files."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank; a no-op in one process."""
+    if _initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(value: float | torch.Tensor) -> float:
+    """Mean of a scalar over ranks (the scalar itself in one process)."""
+    if not _initialized():
+        return float(value)
+    t = torch.as_tensor(value, dtype=torch.float64).reshape(1)
+    # gloo and nccl both reduce float64 on CPU/GPU respectively; keep it on the backend's device.
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def init_distributed(timeout_s: int = 600) -> str:
+    """Start the process group through DeepSpeed (nccl on GPUs, gloo on CPU) and return the backend.
+
+    A plain ``python launch/pretrain.py`` sets no RANK/WORLD_SIZE; without them DeepSpeed would try MPI
+    discovery, so a one-process environment on a free local port is filled in first.
+    """
+    import deepspeed
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not _initialized():
+        deepspeed.init_distributed(
+            dist_backend=backend,
+            auto_mpi_discovery=False,
+            timeout=timedelta(seconds=timeout_s),
+            verbose=False,
+        )
+    return backend
+
+
+def deepspeed_config(cfg: PretrainConfig, world: int) -> dict[str, Any]:
+    """The DeepSpeed config derived from ours, plus an optional expert overlay.
+
+    pcrl's settings (batch sizes, precision, ZeRO stage, clipping) are written once, here. An overlay
+    (``engine.deepspeed_overlay``, JSON) may add engine knobs DeepSpeed understands; a key that contradicts
+    a pcrl setting is refused with a message naming both.
+
+    Raises:
+        ConfigError: the overlay is unreadable or contradicts a derived key.
+    """
+    precision = cfg.engine.precision
+    derived: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum_steps,
+        "train_batch_size": cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world,
+        "gradient_clipping": cfg.train.grad_clip,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "zero_optimization": {"stage": cfg.engine.zero_stage},
+        # pcrl passes a torch optimizer; DeepSpeed only needs to be told that ZeRO may wrap it.
+        "zero_allow_untested_optimizer": True,
+        # pcrl logs itself; keep DeepSpeed's own step printing out of the console.
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if not cfg.engine.deepspeed_overlay:
+        return derived
+    path = Path(cfg.engine.deepspeed_overlay)
+    try:
+        overlay = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"engine.deepspeed_overlay: {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"engine.deepspeed_overlay: {path} is not valid JSON: {e}") from None
+    if not isinstance(overlay, dict):
+        raise ConfigError(f"engine.deepspeed_overlay: {path} must hold a JSON object")
+    _merge_overlay(derived, overlay, str(path), "")
+    return derived
+
+
+def _merge_overlay(base: dict[str, Any], overlay: dict[str, Any], source: str, prefix: str) -> None:
+    for key, value in overlay.items():
+        dotted = f"{prefix}{key}"
+        if key in ("optimizer", "scheduler") and not prefix:
+            raise ConfigError(
+                f"engine.deepspeed_overlay: {source} sets '{key}', but pcrl builds the optimizer and LR "
+                "schedule from optim.*; remove it and set optim.* instead"
+            )
+        if key not in base:
+            base[key] = value
+        elif isinstance(base[key], dict) and isinstance(value, dict):
+            _merge_overlay(base[key], value, source, f"{dotted}.")
+        elif base[key] != value:
+            raise ConfigError(
+                f"engine.deepspeed_overlay: {source} sets {dotted}={value!r} but pcrl's config gives "
+                f"{base[key]!r}; change the pcrl key (train.*, engine.*) instead of the overlay"
+            )

@@ -1,0 +1,303 @@
+"""The training loop: DeepSpeed owns backward, step, accumulation, clipping and loss scaling.
+
+``train(cfg)`` builds everything in a fixed order (distributed → data → model + objective → DeepSpeed →
+resume → tracking) and then runs ``train_step`` until ``train.max_steps``. A reader can follow it from
+the first line to ``engine.step()`` in this file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from pcrl import distributed
+from pcrl.checkpoint import load_latest, save_checkpoint
+from pcrl.config import ConfigError, OptimConfig, PretrainConfig, config_hash, flatten_config, save_config
+from pcrl.tracking import ConsoleProgress, Tracker
+
+__all__ = ["NonFiniteLossError", "build_optimizer", "configure_logging", "lr_schedule", "train", "train_step"]
+
+logger = logging.getLogger(__name__)
+
+# The loss terms the objective returns, logged as loss/<name>.
+LOSS_TERMS = ("loss", "restore", "multiscale", "global", "local")
+
+Reporter = Callable[[dict[str, float], int], None]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; raised before the optimizer update of that step."""
+
+
+def lr_schedule(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """Learning rate at optimizer step ``step`` (0-based): linear warm-up, then cosine to
+    ``lr·min_lr_ratio`` at ``total_steps``. A pure function of the step, so resuming needs only the step."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(params: Any, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """SGD with momentum (the paper) or AdamW, as a torch optimizer handed to DeepSpeed (a DeepSpeed-config
+    optimizer would JIT-compile fused CPU kernels for minutes)."""
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _check_runtime(cfg: PretrainConfig, world: int) -> None:
+    """Refuse settings that cannot work on this machine before any work starts."""
+    if cfg.model.norm == "sync_batch" and world > 1 and not torch.cuda.is_available():
+        raise ConfigError(
+            "model.norm: sync_batch needs GPUs (torch's SyncBatchNorm does not run on CPU); "
+            "use model.norm=batch for CPU runs"
+        )
+    if cfg.engine.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("engine.precision: fp16 needs a GPU; use bf16 or fp32 on CPU")
+    if cfg.views.backend == "dali":
+        raise ConfigError("views.backend: the DALI renderer is not available yet; use views.backend=torch")
+
+
+def _peak_memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    # ru_maxrss is KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _infinite(loader: Any) -> Iterator[dict[str, Any]]:
+    while True:
+        yield from loader
+
+
+def train(cfg: PretrainConfig, reporter: Reporter | None = None) -> dict[str, float]:
+    """Pretrain with PCRLv2 under DeepSpeed until ``cfg.train.max_steps``; returns the last logged metrics.
+
+    Launching again on the same run folder continues from its latest checkpoint.
+
+    Args:
+        cfg: the resolved configuration.
+        reporter: optional ``reporter(metrics, step)`` called at every log step (Ray Tune uses it).
+
+    Raises:
+        NonFiniteLossError: the loss became NaN/inf (names the step).
+        ConfigError: a setting cannot work here (checked before any work starts).
+    """
+    import deepspeed
+
+    from pcrl.data import build_loader
+    from pcrl.model import PCRLv2UNet
+    from pcrl.objective import PCRLv2Objective, PCRLv2Task, beta_schedule
+    from pcrl.views import PCRLv2Views
+
+    # -- init distributed ------------------------------------------------------------------------
+    distributed.init_distributed(cfg.engine.dist_timeout_s)
+    rank, world = distributed.rank(), distributed.world_size()
+    _check_runtime(cfg, world)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(distributed.local_rank())
+    _seed_everything(cfg.run.seed + rank)
+    run_dir = cfg.run_dir
+    if distributed.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    distributed.barrier()
+
+    # -- build data ------------------------------------------------------------------------------
+    views = PCRLv2Views(cfg.views)
+    loader = build_loader(cfg, views, rank=rank, world_size=world)
+
+    # -- build model + objective -----------------------------------------------------------------
+    model = PCRLv2UNet(
+        in_channels=1, base_channels=cfg.model.base_channels, depth=cfg.model.depth, norm=cfg.model.norm
+    )
+    if cfg.model.norm == "sync_batch" and world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.model.activation_checkpointing:
+        model.enable_activation_checkpointing()
+    task = PCRLv2Task(model, PCRLv2Objective.from_config(cfg.objective))
+    if cfg.engine.channels_last:
+        task = task.to(memory_format=torch.channels_last_3d)
+    optimizer = build_optimizer(task.parameters(), cfg.optim)
+
+    # -- deepspeed.initialize --------------------------------------------------------------------
+    ds_config = distributed.deepspeed_config(cfg, world)
+    engine, optimizer, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, config=ds_config)
+
+    # -- resume ----------------------------------------------------------------------------------
+    # The scale draws of the objective follow their own seeded stream, identical on every launch.
+    generator = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + rank)
+    start_step, run_id = 0, None
+    client_state = load_latest(engine, run_dir)
+    if client_state is not None:
+        start_step = int(client_state["step"])
+        run_id = client_state.get("mlflow_run_id")
+        if "generator" in client_state:
+            generator.set_state(client_state["generator"])
+        if distributed.is_main():
+            logger.info("resuming %s from step %d", run_dir, start_step)
+
+    # -- tracking --------------------------------------------------------------------------------
+    tracker = Tracker(
+        run_dir,
+        cfg.tracking.uri,
+        cfg.tracking.experiment,
+        enabled=distributed.is_main() and cfg.tracking.enabled,
+    )
+    run_id = tracker.start(cfg.run.name, flatten_config(cfg), run_id=run_id)
+    if distributed.is_main():
+        tracker.log_artifact(run_dir / "config.yaml")
+    console = ConsoleProgress(cfg.train.max_steps, start_step, enabled=distributed.is_main())
+    if distributed.is_main():
+        n_params = sum(p.numel() for p in model.parameters())
+        logger.info(
+            "run %s: %d process(es), %s, %.2f M parameters, micro-batch %d × accum %d × %d ranks = %d samples/step",
+            run_dir,
+            world,
+            cfg.engine.precision,
+            n_params / 1e6,
+            cfg.train.micro_batch_size,
+            cfg.train.grad_accum_steps,
+            world,
+            ds_config["train_batch_size"],
+        )
+
+    # -- train -----------------------------------------------------------------------------------
+    batches = _infinite(loader)
+    keys_file = None
+    if cfg.tracking.sample_keys:
+        (run_dir / "sample_keys").mkdir(exist_ok=True)
+        keys_file = (run_dir / "sample_keys" / f"rank{rank}.jsonl").open("a")
+    samples_per_step = ds_config["train_batch_size"]
+    sums = dict.fromkeys(LOSS_TERMS, 0.0)
+    window_steps, window_wait, window_t0 = 0, 0.0, time.perf_counter()
+    last_metrics: dict[str, float] = {}
+    status = "FAILED"
+    step = start_step
+    try:
+        while step < cfg.train.max_steps:
+            lr = lr_schedule(step, cfg.train.max_steps, cfg.optim)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            beta = beta_schedule(step, cfg.train.max_steps, cfg.objective.beta_schedule)
+            for _ in range(cfg.train.grad_accum_steps):
+                t0 = time.perf_counter()
+                batch = next(batches)
+                window_wait += time.perf_counter() - t0
+                if keys_file is not None:
+                    keys_file.write(json.dumps({"step": step + 1, "keys": list(batch["keys"])}) + "\n")
+                terms = train_step(engine, batch, beta, generator, step)
+                for k in LOSS_TERMS:
+                    sums[k] += terms[k] / cfg.train.grad_accum_steps
+            step += 1
+            window_steps += 1
+            console.update(step)
+
+            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                elapsed = time.perf_counter() - window_t0
+                metrics = {
+                    f"loss/{'total' if k == 'loss' else k}": distributed.all_reduce_mean(v / window_steps)
+                    for k, v in sums.items()
+                }
+                metrics.update(
+                    {
+                        "optim/lr": lr,
+                        "schedule/beta": beta,
+                        "perf/samples_per_s": samples_per_step * window_steps / elapsed,
+                        "perf/data_wait_frac": window_wait / elapsed,
+                        "perf/step_time_s": elapsed / window_steps,
+                        "memory/peak_gib": _peak_memory_gib(),
+                    }
+                )
+                if distributed.is_main():
+                    tracker.log_metrics(metrics, step)
+                    console.log(step, metrics)
+                if reporter is not None:
+                    reporter(metrics, step)
+                last_metrics = metrics
+                sums = dict.fromkeys(LOSS_TERMS, 0.0)
+                window_steps, window_wait, window_t0 = 0, 0.0, time.perf_counter()
+
+            if step == cfg.train.max_steps or (
+                cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0
+            ):
+                state = {
+                    "step": step,
+                    "generator": generator.get_state(),
+                    "mlflow_run_id": run_id,
+                    "config_hash": config_hash(cfg),
+                }
+                save_checkpoint(engine, cfg, step, state)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if keys_file is not None:
+            keys_file.close()
+        console.close()
+        tracker.finish(status)
+    return last_metrics
+
+
+def train_step(
+    engine: Any, batch: dict[str, Any], beta: float, generator: torch.Generator, step: int
+) -> dict[str, float]:
+    """One micro-batch: forward, non-finite check on every rank, backward, step (DeepSpeed applies the
+    update at the accumulation boundary). Returns the loss terms as floats.
+
+    Raises:
+        NonFiniteLossError: the loss is NaN/inf on any rank, before the optimizer update.
+    """
+    device = engine.device
+    out = engine(
+        batch["global_views"].to(device, non_blocking=True),
+        batch["global_targets"].to(device, non_blocking=True),
+        batch["local_views"].to(device, non_blocking=True),
+        beta=beta,
+        generator=generator,
+    )
+    loss = out["loss"]
+    # Every rank must agree before backward, or a rank that stops alone leaves the others hanging in the
+    # gradient all-reduce: reduce the loss once (one scalar, a host sync we need anyway for the check).
+    total = distributed.all_reduce_mean(loss.detach().float())
+    if not math.isfinite(total):
+        raise NonFiniteLossError(
+            f"the loss became non-finite ({total}) at step {step + 1}; stopping before the optimizer update. "
+            "Lower optim.lr, use engine.precision=fp32, or check the input volumes"
+        )
+    engine.backward(loss)
+    engine.step()
+    return {k: float(out[k].detach()) for k in LOSS_TERMS}
+
+
+def configure_logging() -> None:
+    """One log format for entry points: rank 0 at INFO, other ranks at WARNING (read from the launcher's
+    ``RANK`` since the process group does not exist yet)."""
+    import os
+
+    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
+    )
+    # DeepSpeed's own INFO chatter (config dumps, op builds) drowns the run's lines.
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)

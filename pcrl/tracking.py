@@ -1,0 +1,210 @@
+"""Run tracking: MLflow (rank 0), ``metrics.jsonl`` in the run folder, and the console line.
+
+This is the only module that imports ``mlflow``. Every record sent to MLflow is first appended to
+``metrics.jsonl``, so an MLflow outage loses nothing; MLflow failures are reported once and training
+goes on.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ConsoleProgress", "Tracker", "default_tracking_uri", "format_duration"]
+
+logger = logging.getLogger(__name__)
+
+# MLflow parameters: at most 100 per batch call, values at most 6000 characters (MLflow's limits).
+_PARAM_BATCH = 100
+_PARAM_MAX_LEN = 6000
+
+
+def default_tracking_uri(run_dir: Path) -> str:
+    """The local store used when ``tracking.uri`` is empty: ``sqlite:///<run_dir>/mlflow.db``."""
+    return f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+
+
+class Tracker:
+    """Metrics to ``metrics.jsonl`` and (on rank 0, when enabled) to an MLflow run.
+
+    Args:
+        run_dir: the run folder; ``metrics.jsonl`` is appended there.
+        uri: MLflow tracking URI ('' = the local sqlite store in ``run_dir``).
+        experiment: MLflow experiment name.
+        enabled: log to MLflow at all (False on non-zero ranks and with ``tracking.enabled=false``).
+    """
+
+    def __init__(self, run_dir: Path, uri: str, experiment: str, enabled: bool = True) -> None:
+        self.run_dir = Path(run_dir)
+        self.uri = uri or default_tracking_uri(self.run_dir)
+        self.experiment = experiment
+        self.enabled = enabled
+        self.run_id: str | None = None
+        self._client: Any = None
+        self._jsonl = self.run_dir / "metrics.jsonl"
+        self._warned = False
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self, run_name: str, params: Mapping[str, Any], run_id: str | None = None) -> str | None:
+        """Open (or, with ``run_id``, continue) the MLflow run and log ``params``; returns the run id."""
+        if not self.enabled:
+            return None
+        try:
+            self._client = self._make_client()
+            if run_id is None:
+                experiment_id = self._experiment_id()
+                run = self._client.create_run(experiment_id, run_name=run_name)
+                self.run_id = run.info.run_id
+                self._log_params(params)
+            else:
+                self.run_id = run_id
+                self._client.update_run(run_id, status="RUNNING")
+        except Exception as e:  # any MLflow/backend failure must not stop training
+            self._fail(f"could not start the MLflow run at {self.uri}: {e}")
+        return self.run_id
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Append one record to ``metrics.jsonl`` and send it to MLflow (non-finite values are kept in
+        the JSONL as strings and not sent to MLflow, which rejects them)."""
+        record: dict[str, Any] = {"step": step, "time": time.time()}
+        for k, v in metrics.items():
+            record[k] = float(v) if math.isfinite(float(v)) else str(float(v))
+        with self._jsonl.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._client is None or self.run_id is None:
+            return
+        from mlflow.entities import Metric
+
+        ts = int(record["time"] * 1000)
+        batch = [Metric(k, float(v), ts, step) for k, v in metrics.items() if math.isfinite(float(v))]
+        try:
+            self._client.log_batch(self.run_id, metrics=batch)
+        except Exception as e:
+            self._fail(f"could not log metrics to MLflow at {self.uri}: {e}")
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Upload a file to the MLflow run (no-op when MLflow is off)."""
+        if self._client is None or self.run_id is None:
+            return
+        try:
+            self._client.log_artifact(self.run_id, str(path), artifact_path)
+        except Exception as e:
+            self._fail(f"could not upload {path} to MLflow at {self.uri}: {e}")
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Close the MLflow run with ``status`` (FINISHED, FAILED or KILLED)."""
+        if self._client is None or self.run_id is None:
+            return
+        try:
+            self._client.set_terminated(self.run_id, status=status)
+        except Exception as e:
+            self._fail(f"could not close the MLflow run at {self.uri}: {e}")
+
+    # -- internals -------------------------------------------------------------------------------
+    def _make_client(self) -> Any:
+        for name in ("alembic", "mlflow.store.db.utils"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self.uri)
+
+    def _experiment_id(self) -> str:
+        exp = self._client.get_experiment_by_name(self.experiment)
+        if exp is not None:
+            return exp.experiment_id
+        artifact_location = None
+        if self.uri.startswith("sqlite:///"):
+            # A local store keeps its artifacts beside it, inside the run folder, not in the cwd.
+            db = Path(self.uri.removeprefix("sqlite:///"))
+            artifact_location = (db.parent / "mlartifacts").resolve().as_uri()
+        return self._client.create_experiment(self.experiment, artifact_location=artifact_location)
+
+    def _log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, _param_str(v)) for k, v in sorted(params.items())]
+        for i in range(0, len(items), _PARAM_BATCH):
+            self._client.log_batch(self.run_id, params=items[i : i + _PARAM_BATCH])
+
+    def _fail(self, message: str) -> None:
+        # Warn once; metrics.jsonl keeps every record, so nothing is lost.
+        if not self._warned:
+            logger.warning("%s; training goes on and metrics stay in %s", message, self._jsonl)
+            self._warned = True
+        self._client = None
+
+
+def _param_str(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, list | dict | tuple) else str(value)
+    return text[:_PARAM_MAX_LEN]
+
+
+def format_duration(seconds: float) -> str:
+    """``3725`` → ``'1:02:05'``."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    return str(_dt.timedelta(seconds=int(seconds)))
+
+
+class ConsoleProgress:
+    """One readable line per log step (with progress and ETA), plus a live bar when stderr is a terminal.
+
+    The line carries the progress itself, so logs captured by Slurm or CI (no terminal) stay readable.
+    """
+
+    def __init__(self, total_steps: int, start_step: int = 0, enabled: bool = True) -> None:
+        from tqdm import tqdm
+
+        self.total = total_steps
+        self.enabled = enabled
+        self._t0 = time.perf_counter()
+        self._s0 = start_step
+        self._bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            unit="step",
+            dynamic_ncols=True,
+            leave=False,
+            disable=not (enabled and sys.stderr.isatty()),
+        )
+
+    def update(self, step: int) -> None:
+        self._bar.n = step
+        self._bar.refresh()
+
+    def eta(self, step: int) -> float:
+        done = step - self._s0
+        if done <= 0:
+            return float("nan")
+        return (time.perf_counter() - self._t0) / done * (self.total - step)
+
+    def line(self, step: int, metrics: Mapping[str, float]) -> str:
+        pct = 100.0 * step / self.total
+        parts = [f"step {step}/{self.total} ({pct:.0f}%)"]
+        loss_keys = [k for k in metrics if k.startswith("loss/")]
+        parts.append(" ".join(f"{k.removeprefix('loss/')} {metrics[k]:.4f}" for k in loss_keys))
+        if "optim/lr" in metrics:
+            parts.append(f"lr {metrics['optim/lr']:.2e}")
+        if "schedule/beta" in metrics:
+            parts.append(f"β {metrics['schedule/beta']:.3f}")
+        if "perf/samples_per_s" in metrics:
+            parts.append(f"{metrics['perf/samples_per_s']:.2f} samples/s")
+        if "perf/data_wait_frac" in metrics:
+            parts.append(f"data wait {100 * metrics['perf/data_wait_frac']:.0f}%")
+        parts.append(f"eta {format_duration(self.eta(step))}")
+        return " | ".join(parts)
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        self._bar.write(self.line(step, metrics), file=sys.stderr)
+
+    def close(self) -> None:
+        self._bar.close()
