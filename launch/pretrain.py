@@ -21,7 +21,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pcrl.config import ConfigError, load_config
+from pcrl.config import ConfigError, PretrainConfig, load_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,6 +34,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=100")
     return parser.parse_args(argv)
+
+
+def _short(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it (shorter lines to copy)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path.resolve())
+
+
+def summary(cfg: PretrainConfig, metrics: dict[str, float]) -> str:
+    """What a user needs at the end of a run: where it is, how it ended, and how to look at it."""
+    losses = ", ".join(
+        f"{k.removeprefix('loss/')} {v:.4f}" for k, v in metrics.items() if k.startswith("loss/")
+    )
+    lines = ["", f"run folder:   {_short(cfg.run_dir)}", f"final losses: {losses}"]
+    if cfg.tracking.enabled:
+        uri = cfg.tracking.uri or f"sqlite:///{_short(cfg.run_dir / 'mlflow.db')}"
+        # The interpreter of this run (a venv's, unresolved, so its mlflow is the one that gets started).
+        exe = Path(sys.executable)
+        python = str(exe.relative_to(Path.cwd())) if exe.is_relative_to(Path.cwd()) else "python"
+        lines.append(
+            f"MLflow UI:    {python} -m mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri {shlex.quote(uri)}"
+        )
+        lines.append("              then open http://127.0.0.1:5000")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,17 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             dist.destroy_process_group()
 
     if os.environ.get("RANK", "0") == "0":
-        run_dir = cfg.run_dir.resolve()
-        uri = cfg.tracking.uri or f"sqlite:///{run_dir / 'mlflow.db'}"
-        losses = ", ".join(
-            f"{k.removeprefix('loss/')} {v:.4f}" for k, v in metrics.items() if k.startswith("loss/")
-        )
-        print(f"\nrun folder:   {run_dir}")
-        print(f"final losses: {losses}")
-        if cfg.tracking.enabled:
-            print(
-                f"MLflow UI:    mlflow ui --port 5000 --backend-store-uri {shlex.quote(uri)}   (then open http://127.0.0.1:5000)"
-            )
+        print(summary(cfg, metrics))
     return 0
 
 

@@ -116,15 +116,19 @@ def train(cfg: PretrainConfig, reporter: Reporter | None = None) -> dict[str, fl
     if torch.cuda.is_available():
         torch.cuda.set_device(distributed.local_rank())
     _seed_everything(cfg.run.seed + rank)
+
+    # -- build data ------------------------------------------------------------------------------
+    views = PCRLv2Views(cfg.views)
+    try:
+        loader = build_loader(cfg, views, rank=rank, world_size=world)
+    except (FileNotFoundError, ValueError) as e:
+        # A wrong path or too few volumes is a user mistake, reported before the run folder exists.
+        raise ConfigError(f"data.shards={cfg.data.shards}: {e}") from None
     run_dir = cfg.run_dir
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     distributed.barrier()
-
-    # -- build data ------------------------------------------------------------------------------
-    views = PCRLv2Views(cfg.views)
-    loader = build_loader(cfg, views, rank=rank, world_size=world)
 
     # -- build model + objective -----------------------------------------------------------------
     model = PCRLv2UNet(

@@ -74,7 +74,7 @@ def test_pretrain_one_process_logs_checkpoints_and_resumes(sample_shards: Path, 
     assert (run_dir / "checkpoints/step_00000004/config.yaml").is_file()
     out = proc.stdout + proc.stderr
     assert "step 4/4" in out and "eta" in out
-    assert "run folder:" in proc.stdout and "mlflow ui" in proc.stdout
+    assert "run folder:" in proc.stdout and "-m mlflow ui" in proc.stdout
 
     from mlflow.tracking import MlflowClient
 
@@ -143,3 +143,25 @@ def test_pretrain_cli_rejects_bad_config_fast(tmp_path: Path) -> None:
         timeout=120,
     )
     assert proc.returncode == 2 and "data.shards" in proc.stderr
+    # A shard path that does not exist is reported as such, with no traceback and no run folder left behind.
+    missing = tmp_path / "no-such-shards"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch/pretrain.py"),
+            "--config",
+            str(TINY),
+            f"data.shards={missing}",
+            f"run.output_dir={tmp_path}",
+            "run.name=bad",
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"data.shards={missing}" in proc.stderr and "does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "bad").exists()
