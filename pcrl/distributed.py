@@ -125,9 +125,15 @@ def deepspeed_config(cfg: PretrainConfig, world: int) -> dict[str, Any]:
         "gradient_accumulation_steps": cfg.train.grad_accum_steps,
         "train_batch_size": cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world,
         "gradient_clipping": cfg.train.grad_clip,
-        "bf16": {"enabled": precision == "bf16"},
+        # bf16 runs as torch autocast over fp32 master weights: BatchNorm keeps fp32 parameters and
+        # statistics (a bf16-cast module breaks CPU batch_norm and degrades the running statistics), and
+        # convolutions run in bf16 (AMX on CPUs, tensor cores on GPUs).
+        "torch_autocast": {"enabled": precision == "bf16", "dtype": "bfloat16"},
+        # fp16 is DeepSpeed's classic mode: a half module with dynamic loss scaling; its BatchNorm
+        # buffers follow the parameters' dtype, as batch_norm requires.
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "zero_optimization": {"stage": cfg.engine.zero_stage},
+        "data_types": {"buffer_dtype": "fp16"} if precision == "fp16" else {},
         # pcrl passes a torch optimizer; DeepSpeed only needs to be told that ZeRO may wrap it.
         "zero_allow_untested_optimizer": True,
         # pcrl logs itself; keep DeepSpeed's own step printing out of the console.

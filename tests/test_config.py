@@ -134,7 +134,7 @@ def test_deepspeed_config_is_derived(tmp_path: Path) -> None:
     ds = deepspeed_config(cfg, world=2)
     assert ds["train_batch_size"] == 24
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 3
-    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and not ds["fp16"]["enabled"]
     assert ds["zero_optimization"]["stage"] == 2
 
 

@@ -165,3 +165,29 @@ def test_pretrain_cli_rejects_bad_config_fast(tmp_path: Path) -> None:
     assert f"data.shards={missing}" in proc.stderr and "does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_pretrain_bf16_zero_accumulation_clipping_adamw(sample_shards: Path, tmp_path: Path) -> None:
+    """The derived DeepSpeed config must be one DeepSpeed accepts and trains with on CPU: bf16, ZeRO stage 1,
+    gradient accumulation, clipping and AdamW together (plain ``python``, no launcher: one process)."""
+    overrides = [
+        # One optimizer step of two micro-batches: bf16 convolutions at this tiny width are slow on CPU.
+        *_common(sample_shards, tmp_path, "bf16", 1),
+        "engine.precision=bf16",
+        "engine.zero_stage=1",
+        "train.grad_accum_steps=2",
+        "train.grad_clip=1.0",
+        "optim.name=adamw",
+        "optim.lr=1e-4",
+        "train.log_every=1",
+    ]
+    cmd = [sys.executable, str(REPO / "launch/pretrain.py"), "--config", str(TINY), *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = _records(tmp_path / "bf16")
+    assert [r["step"] for r in records] == [1]
+    assert all(math.isfinite(r[k]) for r in records for k in TERMS)
+    # Two micro-batches of two samples make the optimizer step.
+    keys = [json.loads(x) for x in (tmp_path / "bf16/sample_keys/rank0.jsonl").read_text().splitlines()]
+    assert [k["step"] for k in keys] == [1, 1] and all(len(k["keys"]) == 2 for k in keys)
+    assert (tmp_path / "bf16/checkpoints/step_00000001").is_dir()
