@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The one prepared GPU check (a few minutes): bf16 training throughput, MFU and peak memory of the full
 # PCRLv2 objective at the paper's size and micro-batch 8-32, fp32 at micro-batch 8 as the baseline, and
-# the torch view renderer on the GPU. Results go to $OUT (default /tmp/pcrl-gpu-check) as JSON.
+# the torch view renderer on the GPU. With SHARDS=<folder made by data_prep.shard> and DeepSpeed installed,
+# it also runs the real engine (launch/pretrain.py, base.yaml, bf16 + channels-last, loader workers on the
+# CPU) and reports its samples/s and data-wait fraction. Results go to $OUT (default /tmp/pcrl-gpu-check).
 #   bash bench/gpu_check.sh
+#   SHARDS=/data/shards bash bench/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/pcrl-gpu-check}
@@ -52,4 +55,13 @@ for s in range(n):
 torch.cuda.synchronize(); dt = (time.perf_counter() - t0) / n
 print(json.dumps({"views_ms_per_sample": dt * 1e3, "samples_per_s": 1 / dt, "note": "2 global + 6 local views, paper sizes, one sample per call"}))
 PYEOF
+if [ -n "${SHARDS:-}" ] && $PY -c "import deepspeed" 2>/dev/null; then
+  echo "== engine (launch/pretrain.py, base.yaml, bf16 + channels-last, micro-batch 16)"
+  timeout 300 $PY launch/pretrain.py --config configs/pretrain/base.yaml data.shards="$SHARDS" \
+    run.output_dir="$OUT/runs" run.name=engine train.max_steps=60 train.log_every=10 \
+    train.micro_batch_size=16 data.num_workers="${WORKERS:-12}" engine.channels_last=true \
+    tracking.enabled=false > "$OUT/engine.log" 2>&1 || echo "   engine failed (rc $?), see engine.log"
+  grep -E "^step|error|Error" "$OUT/engine.log" | tail -8
+  cp "$OUT/runs/engine/metrics.jsonl" "$OUT/engine_metrics.jsonl" 2>/dev/null || true
+fi
 echo "results in $OUT"

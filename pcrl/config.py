@@ -414,6 +414,11 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         # The U-Net pools depth-1 times, so view sizes must divide by 2^(depth-1); crop boxes need not.
+        _check(
+            not (self.engine.channels_last and self.engine.zero_stage > 0),
+            "engine.channels_last",
+            "needs engine.zero_stage=0 (ZeRO flattens parameters into dense buffers); turn one of them off",
+        )
         factor = 2 ** (self.model.depth - 1)
         for key, size in (
             ("views.global_size", self.views.global_size),

@@ -156,13 +156,15 @@ def train(cfg: PretrainConfig, reporter: Reporter | None = None) -> dict[str, fl
     if cfg.model.activation_checkpointing:
         model.enable_activation_checkpointing()
     task = PCRLv2Task(model, PCRLv2Objective.from_config(cfg.objective))
-    if cfg.engine.channels_last:
-        task = task.to(memory_format=torch.channels_last_3d)
     optimizer = build_optimizer(task.parameters(), cfg.optim)
 
     # -- deepspeed.initialize --------------------------------------------------------------------
     ds_config = distributed.deepspeed_config(cfg, world)
     engine, optimizer, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, config=ds_config)
+    if cfg.engine.channels_last:
+        # After initialize: DeepSpeed's parameter broadcast views weights as bytes and needs them dense.
+        # .to() swaps each parameter's data in place, so the optimizer keeps the same parameters.
+        engine.module.to(memory_format=torch.channels_last_3d)
 
     # -- resume ----------------------------------------------------------------------------------
     # The scale draws of the objective follow their own seeded stream, identical on every launch.
