@@ -101,6 +101,17 @@ def _peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def _last_record(path: Path) -> dict[str, float]:
+    """The metrics of the last line of ``metrics.jsonl`` (for a relaunch that had nothing left to do)."""
+    if not path.is_file():
+        return {}
+    lines = path.read_text().splitlines()
+    if not lines:
+        return {}
+    record = json.loads(lines[-1])
+    return {k: v for k, v in record.items() if k not in ("step", "time") and isinstance(v, int | float)}
+
+
 def _infinite(loader: Any) -> Iterator[dict[str, Any]]:
     while True:
         yield from loader
@@ -178,6 +189,10 @@ def train(cfg: PretrainConfig, reporter: Reporter | None = None) -> dict[str, fl
             generator.set_state(client_state["generator"])
         if distributed.is_main():
             logger.info("resuming %s from step %d", run_dir, start_step)
+            if start_step >= cfg.train.max_steps:
+                logger.info(
+                    "the run is already at train.max_steps=%d; raise it to train further", cfg.train.max_steps
+                )
 
     # -- tracking --------------------------------------------------------------------------------
     tracker = Tracker(
@@ -271,6 +286,8 @@ def train(cfg: PretrainConfig, reporter: Reporter | None = None) -> dict[str, fl
                 }
                 save_checkpoint(engine, cfg, step, state)
         status = "FINISHED"
+        if not last_metrics:
+            last_metrics = _last_record(run_dir / "metrics.jsonl")
     except KeyboardInterrupt:
         status = "KILLED"
         raise
