@@ -6,8 +6,8 @@ nibabel (its sform/qform rules are the reference of the array contract); NRRD an
 SimpleITK, whose world frame is LPS: its x and y world axes are negated to get RAS.
 
 A file that cannot become a 3D scalar volume raises :class:`RejectedInput` with a one-line reason; the
-sharder writes it to ``rejects.jsonl``. DICOM series are a later reader with the same return type (and a
-``modality_hint`` from the Modality tag).
+sharder writes it to ``rejects.jsonl``. DICOM (series, multi-frame files, mosaics) is read by
+:mod:`data_prep.dicom` into the same type, with a ``modality_hint`` from the Modality tag.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ __all__ = [
     "RawVolume",
     "RejectedInput",
     "canonicalize",
+    "finalize",
     "load_volume",
     "volume_suffix",
 ]
@@ -93,8 +94,13 @@ def canonicalize(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.
     return out, affine @ orientations.inv_ornt_aff(ornt, array.shape)
 
 
-def load_volume(path: Path) -> RawVolume:
+def load_volume(path: Path, take_volume: int | None = None) -> RawVolume:
     """Read a NIfTI, NRRD or MetaImage file into a canonical :class:`RawVolume`.
+
+    Args:
+        path: the file.
+        take_volume: for a 4D file, the index of the volume (along the 4th axis) to keep; ``None`` rejects
+            4D files.
 
     Raises:
         RejectedInput: unreadable or unsupported file, not a 3D scalar volume, non-finite values or an
@@ -105,7 +111,24 @@ def load_volume(path: Path) -> RawVolume:
         raise RejectedInput(f"unsupported file type (expected one of {', '.join(VOLUME_SUFFIXES)})")
     if path.stat().st_size == 0:
         raise RejectedInput("unreadable: empty file")
-    array, affine, stored_dtype, header = _read_nifti(path) if suffix in NIFTI_SUFFIXES else _read_sitk(path)
+    read = _read_nifti if suffix in NIFTI_SUFFIXES else _read_sitk
+    array, affine, stored_dtype, header = read(path, take_volume)
+    return finalize(array, affine, stored_dtype, header=header)
+
+
+def finalize(
+    array: np.ndarray,
+    affine: np.ndarray,
+    stored_dtype: np.dtype,
+    modality_hint: str | None = None,
+    header: dict[str, Any] | None = None,
+) -> RawVolume:
+    """Check a freshly read (I, J, K) volume and its voxel → RAS+ affine, and canonicalise it.
+
+    Raises:
+        RejectedInput: an invalid affine, non-finite values or a non-scalar voxel type.
+    """
+    header = dict(header or {})
     _check_geometry(affine)
     if array.dtype.kind == "f":
         bad = int(array.size - np.count_nonzero(np.isfinite(array)))
@@ -115,7 +138,21 @@ def load_volume(path: Path) -> RawVolume:
         raise RejectedInput(f"unsupported voxel type {array.dtype} (expected integer or float scalars)")
     header["source_orientation"] = "".join(_axcodes(affine))
     array, affine = canonicalize(array, affine)
-    return RawVolume(array=array, affine=affine, stored_dtype=stored_dtype, header=header)
+    return RawVolume(
+        array=array, affine=affine, stored_dtype=stored_dtype, modality_hint=modality_hint, header=header
+    )
+
+
+def _four_d(shape: tuple[int, ...], take_volume: int | None) -> str:
+    """The reason a 4D shape is rejected, or ``""`` when ``take_volume`` picks a valid volume of it."""
+    if take_volume is None:
+        return (
+            f"not a 3D volume: shape {list(shape)} is 4D ({shape[3]} volumes); "
+            "--take-volume T keeps volume T of every 4D input"
+        )
+    if not 0 <= take_volume < shape[3]:
+        return f"4D volume has {shape[3]} volumes; --take-volume {take_volume} is out of range"
+    return ""
 
 
 def _axcodes(affine: np.ndarray) -> tuple[str, ...]:
@@ -142,28 +179,40 @@ def _squeeze_to_3d(shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape
 
 
-def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, np.dtype, dict[str, Any]]:
+def _read_nifti(
+    path: Path, take_volume: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.dtype, dict[str, Any]]:
     import nibabel as nib
 
+    header: dict[str, Any] = {"reader": "nibabel"}
     try:
         img = nib.load(str(path))
         shape = _squeeze_to_3d(img.shape)
-        if len(shape) != 3:
-            raise RejectedInput(f"not a 3D volume: shape {list(img.shape)} ({len(shape)}D)")
         stored_dtype = np.dtype(img.get_data_dtype())
         if stored_dtype.names is not None or stored_dtype.kind == "c":
             raise RejectedInput(f"not a scalar volume: voxel type {stored_dtype}")
-        # asanyarray applies scl_slope/scl_inter (and keeps the stored dtype when there is none).
-        array = np.asanyarray(img.dataobj).reshape(shape)
+        if len(shape) == 4 and not _four_d(shape, take_volume):
+            # Slicing the proxy reads (and scales) only that volume.
+            array = np.asanyarray(img.dataobj[..., take_volume]).reshape(shape[:3])
+            header["volume_index"] = take_volume
+        elif len(shape) == 4:
+            raise RejectedInput(_four_d(shape, take_volume))
+        elif len(shape) != 3:
+            raise RejectedInput(f"not a 3D volume: shape {list(img.shape)} ({len(shape)}D)")
+        else:
+            # asanyarray applies scl_slope/scl_inter (and keeps the stored dtype when there is none).
+            array = np.asanyarray(img.dataobj).reshape(shape)
         affine = np.asarray(img.affine, dtype=np.float64)
     except RejectedInput:
         raise
     except Exception as e:  # nibabel raises many types (ImageFileError, EOFError, zlib/gzip errors, ...)
         raise RejectedInput(f"unreadable: {type(e).__name__}: {_first_line(e)}") from None
-    return array, affine, stored_dtype, {"reader": "nibabel"}
+    return array, affine, stored_dtype, header
 
 
-def _read_sitk(path: Path) -> tuple[np.ndarray, np.ndarray, np.dtype, dict[str, Any]]:
+def _read_sitk(
+    path: Path, take_volume: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.dtype, dict[str, Any]]:
     import SimpleITK as sitk
 
     try:
@@ -172,7 +221,13 @@ def _read_sitk(path: Path) -> tuple[np.ndarray, np.ndarray, np.dtype, dict[str, 
         reader.ReadImageInformation()
         dim = reader.GetDimension()
         size = reader.GetSize()
-        if dim != 3:
+        if dim == 4 and not _four_d(tuple(size), take_volume):
+            # Extract only volume T: index (0, 0, 0, T), size (X, Y, Z, 0) collapses the 4th axis.
+            reader.SetExtractIndex([0, 0, 0, int(take_volume)])  # type: ignore[arg-type]
+            reader.SetExtractSize([*size[:3], 0])
+        elif dim == 4:
+            raise RejectedInput(_four_d(tuple(size), take_volume))
+        elif dim != 3:
             raise RejectedInput(f"not a 3D volume: size {list(size)} ({dim}D)")
         if reader.GetNumberOfComponents() != 1:
             raise RejectedInput(f"not a scalar volume: {reader.GetNumberOfComponents()} components per voxel")

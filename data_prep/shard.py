@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from data_prep.dicom import DicomHeader, group_series, is_dicom, load_dicom, read_header, series_tag
 from data_prep.readers import RawVolume, RejectedInput, load_volume, volume_suffix
 from pcrl.data import (
     CT_HU_RANGE,
@@ -130,6 +131,11 @@ class ShardOptions:
     """Salt of the patient-id hash (stored ids and split assignment)."""
     format: str = "webdataset"
     """Output format; ``zarr`` is a later addition."""
+    series_gaps: str = "reject"
+    """A DICOM series with a missing slice or uneven spacing: ``reject`` it, or ``split`` it into its evenly
+    spaced runs (each its own volume)."""
+    take_volume: int | None = None
+    """For 4D NIfTI/NRRD/MetaImage inputs, keep this volume (0-based) of the 4th axis; ``None`` rejects them."""
     overwrite: bool = False
     """Replace an existing shard set in the output folder."""
     progress: bool = True
@@ -156,6 +162,10 @@ class ShardOptions:
             raise ValueError(f"max_reject_fraction must be in [0, 1], got {self.max_reject_fraction}")
         if len(self.min_size) != 3 or min(self.min_size) < 1:
             raise ValueError(f"min_size must be three positive voxel counts, got {list(self.min_size)}")
+        if self.series_gaps not in ("reject", "split"):
+            raise ValueError(f"series_gaps must be reject or split, got {self.series_gaps!r}")
+        if self.take_volume is not None and self.take_volume < 0:
+            raise ValueError(f"take_volume must be >= 0, got {self.take_volume}")
         if self.format != "webdataset":
             raise ValueError(f"format {self.format!r} is not supported yet; use webdataset")
 
@@ -172,19 +182,76 @@ class InputFile:
         return self.path.relative_to(self.root).as_posix()
 
 
-def find_inputs(inputs: Sequence[Path], exclude: Sequence[str] = ()) -> list[InputFile]:
-    """Files given directly, plus volume files found recursively under folders, sorted, minus ``exclude``.
+@dataclass(frozen=True)
+class InputSeries:
+    """One DICOM volume: the files of a series (or of one part of a split series), or one multi-frame or
+    mosaic file."""
+
+    paths: tuple[Path, ...]
+    root: Path
+    series_uid: str
+    part: int
+    """0 when the SeriesInstanceUID is one volume, else 1, 2, ... (see :func:`data_prep.dicom.group_series`)."""
+    dicom_patient: str | None = None
+    """``PatientID`` from the headers (hashed before it is stored)."""
+
+    @property
+    def path(self) -> Path:
+        """The single file, or the folder holding the series' files (for messages)."""
+        if len(self.paths) == 1:
+            return self.paths[0]
+        return Path(os.path.commonpath([str(p.parent) for p in self.paths]))
+
+    @property
+    def source(self) -> str:
+        """The file relative to the root, or ``<folder>/series-<uid hash>[-partN]`` (no raw UID)."""
+        if len(self.paths) == 1 and self.part == 0:
+            return self.paths[0].relative_to(self.root).as_posix()
+        folder = self.path.relative_to(self.root).as_posix()
+        name = f"series-{series_tag(self.series_uid)}" + (f"-part{self.part}" if self.part else "")
+        return name if folder == "." else f"{folder}/{name}"
+
+
+Item = InputFile | InputSeries
+
+
+@dataclass
+class Discovery:
+    """What :func:`find_inputs` found: volumes to prepare, DICOM files rejected from their headers alone,
+    and files that are no image at all (every file under the inputs is in one of the three)."""
+
+    items: list[Item]
+    rejects: list[Rejected]
+    ignored: list[Rejected]
+
+    @property
+    def files(self) -> int:
+        return (
+            sum(len(i.paths) if isinstance(i, InputSeries) else 1 for i in self.items)
+            + len(self.rejects)
+            + len(self.ignored)
+        )
+
+
+def find_inputs(inputs: Sequence[Path], exclude: Sequence[str] = (), split_gaps: bool = False) -> Discovery:
+    """Files given directly and files found recursively under folders, minus ``exclude``, as volumes.
+
+    NIfTI/NRRD/MetaImage files are one volume each. DICOM files (``.dcm``/``.ima`` or the ``DICM`` magic)
+    have their headers read and are grouped into series (:func:`data_prep.dicom.group_series`, per input
+    root); a file whose header says it is no image (RTSTRUCT, SR, no pixel data) or that cannot be parsed is
+    rejected here. Other files under a folder are listed as ignored.
 
     Raises:
-        FileNotFoundError: an input does not exist, or no volume file is found at all.
+        FileNotFoundError: an input does not exist, or no volume or DICOM file is found at all.
     """
     found: dict[Path, InputFile] = {}
+    ignored: list[Rejected] = []
     for raw in inputs:
         path = Path(raw).expanduser()
         if path.is_dir():
             root = path.absolute()
             for p in sorted(root.rglob("*")):
-                if p.is_file() and volume_suffix(p) is not None:
+                if p.is_file():
                     found.setdefault(p, InputFile(p, root))
         elif path.is_file():
             p = path.absolute()
@@ -195,20 +262,46 @@ def find_inputs(inputs: Sequence[Path], exclude: Sequence[str] = ()) -> list[Inp
     def excluded(item: InputFile) -> bool:
         return any(fnmatch.fnmatch(item.path.name, g) or fnmatch.fnmatch(item.source, g) for g in exclude)
 
-    items = sorted((i for i in found.values() if not excluded(i)), key=lambda i: str(i.path))
-    if not items:
+    explicit = {Path(r).expanduser().absolute() for r in inputs if Path(r).expanduser().is_file()}
+    items: list[Item] = []
+    headers: dict[Path, list[DicomHeader]] = {}
+    rejects: list[Rejected] = []
+    for f in sorted((i for i in found.values() if not excluded(i)), key=lambda i: str(i.path)):
+        if volume_suffix(f.path) is not None:
+            items.append(f)
+        elif is_dicom(f.path):
+            try:
+                headers.setdefault(f.root, []).append(read_header(f.path))
+            except RejectedInput as e:
+                rejects.append(Rejected(-1, f.source, str(f.path), str(e)))
+        elif f.path in explicit:
+            items.append(f)  # rejected by the reader with "unsupported file type"
+        else:
+            ignored.append(
+                Rejected(-1, f.source, str(f.path), "ignored: not a NIfTI, NRRD, MetaImage or DICOM file")
+            )
+    for root, hs in headers.items():
+        for s in group_series(hs, split_gaps=split_gaps):
+            items.append(InputSeries(s.paths, root, s.series_uid, s.part, s.patient_id))
+    items.sort(
+        key=lambda i: (str(i.paths[0] if isinstance(i, InputSeries) else i.path), getattr(i, "part", 0))
+    )
+    if not items and not rejects:
         raise FileNotFoundError(
-            f"no volume files (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd) found in {[str(p) for p in inputs]}"
+            f"no volume files (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd, DICOM) found in {[str(p) for p in inputs]}"
             + (f" after --exclude {list(exclude)}" if exclude else "")
         )
-    return items
+    return Discovery(items, rejects, ignored)
 
 
 # --- per-volume processing (runs in worker processes) -------------------------------------------------
 
 
-def patient_id(item: InputFile) -> str:
-    """The top folder under the input root, or the file name without its volume suffix."""
+def patient_id(item: Item) -> str:
+    """DICOM ``PatientID`` when present, else the top folder under the input root, else the file name
+    without its volume suffix (or the series name)."""
+    if isinstance(item, InputSeries) and item.dicom_patient:
+        return f"dicom:{item.dicom_patient}"
     parts = Path(item.source).parts
     if len(parts) > 1:
         return parts[0]
@@ -336,7 +429,7 @@ class Rejected:
     reason: str
 
 
-def prepare_volume(index: int, item: InputFile, options: ShardOptions) -> Prepared | Rejected:
+def prepare_volume(index: int, item: Item, options: ShardOptions) -> Prepared | Rejected:
     """Read, reorient, resample and encode one input; never raises for a bad input (returns Rejected)."""
     try:
         return _prepare(index, item, options)
@@ -349,8 +442,16 @@ def prepare_volume(index: int, item: InputFile, options: ShardOptions) -> Prepar
         return Rejected(index, item.source, str(item.path), f"unexpected error: {type(e).__name__}: {e}")
 
 
-def _prepare(index: int, item: InputFile, options: ShardOptions) -> Prepared:
-    raw = load_volume(item.path)
+def _load(item: Item, options: ShardOptions) -> RawVolume:
+    if isinstance(item, InputSeries):
+        return load_dicom(item.paths)
+    if volume_suffix(item.path) is None and is_dicom(item.path):
+        return load_dicom([item.path])
+    return load_volume(item.path, take_volume=options.take_volume)
+
+
+def _prepare(index: int, item: Item, options: ShardOptions) -> Prepared:
+    raw = _load(item, options)
     source_shape = [int(n) for n in raw.array.shape]
     source_spacing = [round(s, 6) for s in raw.spacing]
     modality, modality_source = _modality(raw, options.modality)
@@ -390,9 +491,15 @@ def _prepare(index: int, item: InputFile, options: ShardOptions) -> Prepared:
         "source_dtype": str(raw.stored_dtype),
         "source_orientation": raw.header.get("source_orientation", ""),
     }
+    if isinstance(item, InputSeries):
+        meta["source_files"] = [p.relative_to(item.root).as_posix() for p in item.paths]
+        meta["series"] = patient_hash(item.series_uid, options.salt)
+    if "volume_index" in raw.header:
+        meta["volume_index"] = raw.header["volume_index"]
     info = {
         k: meta[k] for k in ("key", "shape", "spacing", "modality", "dtype", "split", "source", "patient")
     }
+    info["files"] = len(item.paths) if isinstance(item, InputSeries) else 1
     return Prepared(index, key, image, json.dumps(meta, sort_keys=True).encode(), info)
 
 
@@ -409,10 +516,13 @@ def _init_worker() -> None:
 class ShardWriter:
     """Writes samples into ``shard-NNNNNN.tar`` files of about ``max_bytes`` each, deterministically."""
 
-    def __init__(self, output: Path, max_bytes: int) -> None:
+    def __init__(self, output: Path, max_bytes: int, done: Sequence[str] = ()) -> None:
         self.output = output
         self.max_bytes = max_bytes
-        self.shards: list[str] = []
+        self.shards: list[str] = list(done)
+        """Shard names, complete ones first; a resumed job starts after the ``done`` ones."""
+        self.closed = len(self.shards)
+        """Complete (renamed) shards: everything added before the latest close is on disk for good."""
         self._tar: tarfile.TarFile | None = None
         self._tmp: Path | None = None
 
@@ -453,6 +563,7 @@ class ShardWriter:
         self._tar.close()
         self._tmp.replace(self._tmp.with_suffix(""))  # shard-000000.tar.tmp → shard-000000.tar
         self._tar = self._tmp = None
+        self.closed += 1
 
     def close(self) -> None:
         if self._tar is not None:
@@ -479,17 +590,91 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def _prepare_output(output: Path, overwrite: bool) -> None:
+JOURNAL_NAME = "journal.jsonl"
+
+
+@dataclass
+class Resume:
+    """What an interrupted job left that is complete: journal entries of a prefix of the volumes."""
+
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    done: Summary | None = None
+    """Set when the output already holds the complete result of the same job."""
+
+    @property
+    def next_index(self) -> int:
+        return self.entries[-1]["index"] + 1 if self.entries else 0
+
+    @property
+    def shards(self) -> list[str]:
+        return sorted({e["shard"] for e in self.entries if e.get("shard")})
+
+
+def _read_journal(path: Path, fingerprint: str) -> list[dict[str, Any]] | None:
+    """The entries of a journal written for ``fingerprint``, or ``None`` (absent, other job, unreadable)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        header = json.loads(lines[0])
+        if header.get("fingerprint") != fingerprint:
+            return None
+        entries = []
+        for text in lines[1:]:
+            try:
+                entries.append(json.loads(text))
+            except ValueError:
+                break  # a line cut by the kill: everything after it is recomputed
+        return entries
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _prepare_output(output: Path, overwrite: bool, fingerprint: str = "") -> Resume:
+    """Check the output folder and find what can be reused.
+
+    A complete set of the same job (same inputs, sizes, mtimes and options) is reused as is; a journal of the
+    same job is resumed after its last complete shard; anything else in the way needs ``overwrite``.
+    """
     output.mkdir(parents=True, exist_ok=True)
     ours = [*output.glob("shard-*.tar"), *(output / n for n in (MANIFEST_NAME, REJECTS_NAME, SUMMARY_NAME))]
     existing = [p for p in ours if p.exists()]
-    if existing and not overwrite:
+    journal = output / JOURNAL_NAME
+    resume = Resume()
+    if not overwrite and fingerprint and (output / MANIFEST_NAME).exists():
+        try:
+            previous = json.loads((output / SUMMARY_NAME).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            previous = {}
+        if previous.get("fingerprint") == fingerprint:
+            return Resume(done=Summary.from_dict(previous))
+    elif not overwrite and fingerprint and journal.exists():
+        entries = _read_journal(journal, fingerprint)
+        if entries is not None:
+            resume = Resume(entries)
+            # Drop a line cut by the kill before appending to the journal again.
+            header = json.dumps({"fingerprint": fingerprint, "format_version": FORMAT_VERSION})
+            _write_atomic(journal, "".join(json.dumps(e) + "\n" for e in [json.loads(header), *entries]))
+            missing = [s for s in resume.shards if not (output / s).is_file()]
+            if missing:
+                logger.warning("cannot resume: %s is gone; starting again", missing[0])
+                resume = Resume()
+            existing = [p for p in existing if p.name not in resume.shards]  # shards the journal vouches for
+        elif existing:
+            raise FileExistsError(
+                f"{output} holds an interrupted job with other inputs or options ({JOURNAL_NAME}); pass --overwrite "
+                "or choose an empty folder"
+            )
+    if existing and not overwrite and not resume.entries:
         raise FileExistsError(
-            f"{output} already holds a shard set ({existing[0].name}, ...); pass --overwrite or choose an empty folder"
+            f"{output} already holds a shard set of other inputs or options ({existing[0].name}, ...); pass "
+            "--overwrite or choose an empty folder"
         )
-    # Leftovers of an interrupted run (*.tmp) and, with overwrite, the previous set.
+    # Leftovers of an interrupted run (*.tmp, shards renamed after the journal's last line) and, with overwrite,
+    # the previous set.
     for p in [*existing, *output.glob("*.tmp")]:
         p.unlink()
+    if not resume.entries:
+        journal.unlink(missing_ok=True)
+    return resume
 
 
 # --- the job -------------------------------------------------------------------------------------------
@@ -501,6 +686,11 @@ class Summary:
 
     output: str
     inputs: int = 0
+    """Volumes tried: volume files, DICOM series and DICOM files rejected from their header."""
+    files: int = 0
+    """Files found under the inputs (each is in the manifest, in rejects.jsonl, or ignored)."""
+    ignored: int = 0
+    """Files that are no image format at all (listed in rejects.jsonl with ``"ignored": true``)."""
     accepted: int = 0
     rejected: int = 0
     per_split: dict[str, int] = field(default_factory=dict)
@@ -512,6 +702,12 @@ class Summary:
     arguments: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    fingerprint: str = ""
+    """sha256 of the input files (path, size, mtime) and of the options that change the output."""
+    resumed: int = 0
+    """Volumes taken over from an interrupted run instead of being prepared again."""
+    up_to_date: bool = False
+    """True when this call found the complete result of the same job and wrote nothing."""
 
     @property
     def reject_fraction(self) -> float:
@@ -523,6 +719,32 @@ class Summary:
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "reject_fraction": self.reject_fraction}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Summary:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+# Options that do not change what is written.
+_RUN_ONLY_OPTIONS = ("workers", "progress", "overwrite", "max_reject_fraction")
+
+
+def fingerprint(found: Discovery, opts: ShardOptions) -> str:
+    """Identify a job by its input files (source, size, mtime) and output-relevant options."""
+    h = hashlib.sha256()
+    options = {k: v for k, v in dataclasses.asdict(opts).items() if k not in _RUN_ONLY_OPTIONS}
+    # 4 and 4.0 MB are the same job (the CLI gives floats, Python callers often ints).
+    options["shard_size_mb"] = float(opts.shard_size_mb)
+    options["spacing"] = [float(s) for s in opts.spacing]
+    options["splits"] = {k: float(v) for k, v in opts.splits.items()}
+    h.update(json.dumps(options, sort_keys=True, default=str).encode())
+    paths = [p for i in found.items for p in (i.paths if isinstance(i, InputSeries) else (i.path,))]
+    paths += [Path(r.path) for r in (*found.rejects, *found.ignored)]
+    for path in sorted(paths, key=str):
+        st = path.stat()
+        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 def _versions() -> dict[str, str]:
@@ -537,11 +759,12 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _results(items: Sequence[InputFile], options: ShardOptions) -> Iterator[Prepared | Rejected]:
-    """Prepared volumes in input order; with workers, at most 2·workers volumes in flight (bounded memory)."""
+def _results(items: Sequence[Item], options: ShardOptions, start: int = 0) -> Iterator[Prepared | Rejected]:
+    """Prepared volumes ``start, start + 1, ...`` in input order; with workers, at most 2·workers volumes in
+    flight (bounded memory)."""
     if options.workers <= 1:
-        for i, item in enumerate(items):
-            yield prepare_volume(i, item, options)
+        for i in range(start, len(items)):
+            yield prepare_volume(i, items[i], options)
         return
     import multiprocessing
 
@@ -557,8 +780,8 @@ def _results(items: Sequence[InputFile], options: ShardOptions) -> Iterator[Prep
     else:
         ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=options.workers, mp_context=ctx, initializer=_init_worker) as pool:
-        pending: deque[tuple[InputFile, Future[Prepared | Rejected]]] = deque()
-        todo = iter(enumerate(items))
+        pending: deque[tuple[Item, Future[Prepared | Rejected]]] = deque()
+        todo = ((i, items[i]) for i in range(start, len(items)))
         for i, item in todo:
             pending.append((item, pool.submit(prepare_volume, i, item, options)))
             if len(pending) >= 2 * options.workers:
@@ -599,21 +822,62 @@ def shard_volumes(inputs: Sequence[Path], output: Path, **options: Any) -> Summa
 
 def _start(
     inputs: Sequence[Path], output: Path, options: Mapping[str, Any]
-) -> tuple[Sequence[Path], Path, ShardOptions, list[InputFile]]:
+) -> tuple[Sequence[Path], Path, ShardOptions, Discovery, Resume]:
     """Everything that can fail because of the user's request, before any volume is read."""
     opts = ShardOptions(**options)
-    items = find_inputs(inputs, opts.exclude)
-    _prepare_output(output, opts.overwrite)
-    return inputs, output, opts, items
+    found = find_inputs(inputs, opts.exclude, split_gaps=opts.series_gaps == "split")
+    resume = _prepare_output(output, opts.overwrite, fingerprint(found, opts))
+    return inputs, output, opts, found, resume
 
 
-def _run(inputs: Sequence[Path], output: Path, opts: ShardOptions, items: list[InputFile]) -> Summary:
+def _reject_line(r: Rejected, files: int = 1, **extra: Any) -> str:
+    return json.dumps({"source": r.source, "path": r.path, "reason": r.reason, "files": files, **extra})
+
+
+class _Journal:
+    """Append-only record of finished volumes, flushed only when what it lists is complete on disk.
+
+    Entries of volumes in the open shard wait in memory; when the shard is renamed they are written and
+    fsynced. A killed job therefore leaves a journal whose entries are a prefix of the input order, all backed
+    by complete shards: a re-run skips that prefix and continues with a new shard, exactly where an
+    uninterrupted run would have started it.
+    """
+
+    def __init__(self, path: Path, fingerprint: str, resumed: bool) -> None:
+        self._f = path.open("a" if resumed else "w", encoding="utf-8")
+        if not resumed:
+            self._f.write(json.dumps({"fingerprint": fingerprint, "format_version": FORMAT_VERSION}) + "\n")
+            self._sync()
+        self.pending: list[dict[str, Any]] = []
+
+    def _sync(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def commit(self) -> None:
+        self._f.write("".join(json.dumps(e) + "\n" for e in self.pending))
+        self._sync()
+        self.pending = []
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _run(
+    inputs: Sequence[Path], output: Path, opts: ShardOptions, found: Discovery, resume: Resume
+) -> Summary:
+    if resume.done is not None:
+        logger.info("%s already holds this job's complete output; nothing to do", output)
+        resume.done.up_to_date = True
+        return resume.done
     from tqdm import tqdm
 
     start = time.perf_counter()
     summary = Summary(
         output=str(output.absolute()),
-        inputs=len(items),
+        inputs=len(found.items) + len(found.rejects),
+        files=found.files,
+        ignored=len(found.ignored),
         max_reject_fraction=opts.max_reject_fraction,
         arguments={
             "inputs": [str(p) for p in inputs],
@@ -624,14 +888,22 @@ def _run(inputs: Sequence[Path], output: Path, opts: ShardOptions, items: list[I
             },
         },
         versions=_versions(),
+        fingerprint=fingerprint(found, opts),
+        resumed=resume.next_index,
     )
-    writer = ShardWriter(output, int(opts.shard_size_mb * 2**20))
-    manifest: list[str] = []
-    rejects: list[str] = []
-    seen: dict[str, str] = {}
-    bar = tqdm(total=len(items), unit="vol", desc="sharding", disable=not opts.progress, file=sys.stderr)
+    items = found.items
+    # Entries of the interrupted run: the same lines an uninterrupted run would have produced for them.
+    manifest: list[str] = [json.dumps(e["manifest"]) for e in resume.entries if e.get("manifest")]
+    rejects: list[str] = [json.dumps(e["reject"]) for e in resume.entries if e.get("reject")]
+    seen: dict[str, str] = {
+        e["manifest"]["key"]: e["manifest"]["source"] for e in resume.entries if e.get("manifest")
+    }
+    writer = ShardWriter(output, int(opts.shard_size_mb * 2**20), done=resume.shards)
+    journal = _Journal(output / JOURNAL_NAME, summary.fingerprint, resumed=bool(resume.entries))
+    bar = tqdm(total=len(items), initial=resume.next_index, unit="vol", desc="sharding", disable=not opts.progress,
+               file=sys.stderr, smoothing=0.1)  # fmt: skip
     try:
-        for result in _results(items, opts):
+        for result in _results(items, opts, start=resume.next_index):
             bar.update(1)
             if isinstance(result, Prepared) and result.key in seen:
                 result = Rejected(
@@ -639,14 +911,16 @@ def _run(inputs: Sequence[Path], output: Path, opts: ShardOptions, items: list[I
                     f"duplicate: same voxels as {seen[result.key]} (key {result.key})",
                 )  # fmt: skip
             if isinstance(result, Rejected):
-                summary.rejected += 1
-                rejects.append(
-                    json.dumps({"source": result.source, "path": result.path, "reason": result.reason})
-                )
+                item = items[result.index]
+                rejects.append(_reject_line(result, len(item.paths) if isinstance(item, InputSeries) else 1))
+                journal.pending.append({"index": result.index, "reject": json.loads(rejects[-1])})
                 logger.info("rejected %s: %s", result.path, result.reason)
                 continue
             seen[result.key] = result.info["source"]
+            closed = writer.closed
             offsets = writer.add(result.key, [(IMAGE_SUFFIX, result.image), (META_SUFFIX, result.meta)])
+            if writer.closed != closed:
+                journal.commit()  # a shard was completed: every earlier volume is final
             info = result.info
             line = {
                 "key": result.key,
@@ -663,21 +937,32 @@ def _run(inputs: Sequence[Path], output: Path, opts: ShardOptions, items: list[I
                 "checksum": "sha256:" + hashlib.sha256(result.image).hexdigest(),
                 "source": info["source"],
                 "patient": info["patient"],
+                "files": info["files"],
             }
             assert set(MANIFEST_KEYS) <= set(line)
             manifest.append(json.dumps(line))
-            summary.accepted += 1
-            summary.per_split[info["split"]] = summary.per_split.get(info["split"], 0) + 1
-            summary.per_modality[info["modality"]] = summary.per_modality.get(info["modality"], 0) + 1
+            journal.pending.append({"index": result.index, "manifest": line, "shard": writer.current})
         writer.close()
+        journal.commit()
     finally:
         bar.close()
+        journal.close()
+    for text in manifest:
+        m = json.loads(text)
+        summary.accepted += 1
+        summary.per_split[m["split"]] = summary.per_split.get(m["split"], 0) + 1
+        summary.per_modality[m["modality"]] = summary.per_modality.get(m["modality"], 0) + 1
     summary.shards = len(writer.shards)
     summary.total_bytes = sum((output / s).stat().st_size for s in writer.shards)
     summary.seconds = round(time.perf_counter() - start, 3)
+    # Header-level DICOM rejects and ignored files come after the volumes, sorted, so that every file is listed.
+    summary.rejected = len(rejects) + len(found.rejects)
+    rejects += [_reject_line(r) for r in found.rejects]
+    rejects += [_reject_line(r, ignored=True) for r in found.ignored]
     _write_atomic(output / REJECTS_NAME, "".join(r + "\n" for r in rejects))
     _write_atomic(output / SUMMARY_NAME, json.dumps(summary.to_dict(), indent=2, sort_keys=True) + "\n")
     _write_atomic(output / MANIFEST_NAME, "".join(m + "\n" for m in manifest))  # last: marks the set complete
+    (output / JOURNAL_NAME).unlink()
     return summary
 
 
@@ -709,6 +994,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="smallest accepted shape after resampling (default: 64 64 32)")  # fmt: skip
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                    help="skip files whose name or relative path matches (repeatable), e.g. '*_label*'")  # fmt: skip
+    p.add_argument("--series-gaps", default="reject", choices=["reject", "split"],
+                   help="a DICOM series with a missing slice or uneven spacing: reject it (default) or split it "
+                        "into evenly spaced runs")  # fmt: skip
+    p.add_argument("--take-volume", type=int, default=None, metavar="T",
+                   help="keep volume T (0-based) of 4D NIfTI/NRRD/MetaImage inputs instead of rejecting them")  # fmt: skip
     p.add_argument("--salt", default="pcrl", help="salt of the patient-id hash")
     p.add_argument("--overwrite", action="store_true", help="replace a shard set already in --output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -730,6 +1020,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "min_size": tuple(args.min_size),
             "exclude": tuple(args.exclude),
             "salt": args.salt,
+            "series_gaps": args.series_gaps,
+            "take_volume": args.take_volume,
             "format": args.format,
             "overwrite": args.overwrite,
             "progress": not args.no_progress,
@@ -738,6 +1030,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         parser.error(str(e))  # exits 2
     summary = _run(*job)
+    if summary.up_to_date:
+        print(f"{args.output} is up to date: same inputs and options as its summary.json; nothing written")
     print(
         f"sharded {summary.accepted} of {summary.inputs} volumes into {summary.shards} shards "
         f"({summary.total_bytes / 2**20:.1f} MiB) in {summary.seconds:.1f} s: splits {summary.per_split}, "
