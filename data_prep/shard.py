@@ -26,10 +26,12 @@ import argparse
 import dataclasses
 import fnmatch
 import hashlib
+import io
 import json
 import logging
 import math
 import os
+import shutil
 import sys
 import tarfile
 import time
@@ -45,6 +47,7 @@ import numpy as np
 
 from data_prep.dicom import DicomHeader, group_series, is_dicom, load_dicom, read_header, series_tag
 from data_prep.readers import RawVolume, RejectedInput, load_volume, volume_suffix
+from data_prep.zarr_writer import STORE_NAME, ZarrWriter
 from pcrl.data import (
     CT_HU_RANGE,
     IMAGE_SUFFIX,
@@ -130,7 +133,7 @@ class ShardOptions:
     salt: str = "pcrl"
     """Salt of the patient-id hash (stored ids and split assignment)."""
     format: str = "webdataset"
-    """Output format; ``zarr`` is a later addition."""
+    """``webdataset`` (tar shards) or ``zarr`` (a Zarr v3 store, one array per volume)."""
     series_gaps: str = "reject"
     """A DICOM series with a missing slice or uneven spacing: ``reject`` it, or ``split`` it into its evenly
     spaced runs (each its own volume)."""
@@ -166,8 +169,8 @@ class ShardOptions:
             raise ValueError(f"series_gaps must be reject or split, got {self.series_gaps!r}")
         if self.take_volume is not None and self.take_volume < 0:
             raise ValueError(f"take_volume must be >= 0, got {self.take_volume}")
-        if self.format != "webdataset":
-            raise ValueError(f"format {self.format!r} is not supported yet; use webdataset")
+        if self.format not in ("webdataset", "zarr"):
+            raise ValueError(f"format must be webdataset or zarr, got {self.format!r}")
 
 
 @dataclass(frozen=True)
@@ -636,6 +639,7 @@ def _prepare_output(output: Path, overwrite: bool, fingerprint: str = "") -> Res
     """
     output.mkdir(parents=True, exist_ok=True)
     ours = [*output.glob("shard-*.tar"), *(output / n for n in (MANIFEST_NAME, REJECTS_NAME, SUMMARY_NAME))]
+    ours += [p for p in (output / STORE_NAME).glob("*") if p.is_dir()]  # Zarr arrays, one per volume
     existing = [p for p in ours if p.exists()]
     journal = output / JOURNAL_NAME
     resume = Resume()
@@ -653,11 +657,12 @@ def _prepare_output(output: Path, overwrite: bool, fingerprint: str = "") -> Res
             # Drop a line cut by the kill before appending to the journal again.
             header = json.dumps({"fingerprint": fingerprint, "format_version": FORMAT_VERSION})
             _write_atomic(journal, "".join(json.dumps(e) + "\n" for e in [json.loads(header), *entries]))
-            missing = [s for s in resume.shards if not (output / s).is_file()]
+            missing = [s for s in resume.shards if not (output / s).exists()]
             if missing:
                 logger.warning("cannot resume: %s is gone; starting again", missing[0])
                 resume = Resume()
-            existing = [p for p in existing if p.name not in resume.shards]  # shards the journal vouches for
+            # Shards and arrays the journal vouches for stay.
+            existing = [p for p in existing if p.relative_to(output).as_posix() not in resume.shards]
         elif existing:
             raise FileExistsError(
                 f"{output} holds an interrupted job with other inputs or options ({JOURNAL_NAME}); pass --overwrite "
@@ -671,7 +676,10 @@ def _prepare_output(output: Path, overwrite: bool, fingerprint: str = "") -> Res
     # Leftovers of an interrupted run (*.tmp, shards renamed after the journal's last line) and, with overwrite,
     # the previous set.
     for p in [*existing, *output.glob("*.tmp")]:
-        p.unlink()
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
     if not resume.entries:
         journal.unlink(missing_ok=True)
     return resume
@@ -834,6 +842,25 @@ def _reject_line(r: Rejected, files: int = 1, **extra: Any) -> str:
     return json.dumps({"source": r.source, "path": r.path, "reason": r.reason, "files": files, **extra})
 
 
+def _add_to_zarr(store: ZarrWriter, result: Prepared) -> dict[str, Any]:
+    """Write a prepared volume as a Zarr array; its manifest line (``checksum``: sha256 of the ``.npy``
+    bytes, whose first 16 hex digits are the key)."""
+    import zstandard
+
+    raw = zstandard.ZstdDecompressor().decompress(result.image)
+    array = np.load(io.BytesIO(raw), allow_pickle=False)
+    info = result.info
+    name, size = store.add(result.key, array, json.loads(result.meta))
+    line = {
+        "key": result.key, "shard": name, "offset": 0, "size": size, "meta_offset": 0, "meta_size": 0,
+        "shape": info["shape"], "spacing": info["spacing"], "modality": info["modality"], "dtype": info["dtype"],
+        "split": info["split"], "checksum": "sha256:" + hashlib.sha256(raw).hexdigest(), "source": info["source"],
+        "patient": info["patient"], "files": info["files"], "format": "zarr",
+    }  # fmt: skip
+    assert set(MANIFEST_KEYS) <= set(line)
+    return line
+
+
 class _Journal:
     """Append-only record of finished volumes, flushed only when what it lists is complete on disk.
 
@@ -899,6 +926,7 @@ def _run(
         e["manifest"]["key"]: e["manifest"]["source"] for e in resume.entries if e.get("manifest")
     }
     writer = ShardWriter(output, int(opts.shard_size_mb * 2**20), done=resume.shards)
+    store = ZarrWriter(output) if opts.format == "zarr" else None
     journal = _Journal(output / JOURNAL_NAME, summary.fingerprint, resumed=bool(resume.entries))
     bar = tqdm(total=len(items), initial=resume.next_index, unit="vol", desc="sharding", disable=not opts.progress,
                file=sys.stderr, smoothing=0.1)  # fmt: skip
@@ -917,11 +945,17 @@ def _run(
                 logger.info("rejected %s: %s", result.path, result.reason)
                 continue
             seen[result.key] = result.info["source"]
+            info = result.info
+            if store is not None:
+                line = _add_to_zarr(store, result)
+                manifest.append(json.dumps(line))
+                journal.pending.append({"index": result.index, "manifest": line, "shard": line["shard"]})
+                journal.commit()  # each array is complete once renamed
+                continue
             closed = writer.closed
             offsets = writer.add(result.key, [(IMAGE_SUFFIX, result.image), (META_SUFFIX, result.meta)])
             if writer.closed != closed:
                 journal.commit()  # a shard was completed: every earlier volume is final
-            info = result.info
             line = {
                 "key": result.key,
                 "shard": writer.current,
@@ -943,6 +977,8 @@ def _run(
             manifest.append(json.dumps(line))
             journal.pending.append({"index": result.index, "manifest": line, "shard": writer.current})
         writer.close()
+        if store is not None:
+            store.close()
         journal.commit()
     finally:
         bar.close()
@@ -954,6 +990,8 @@ def _run(
         summary.per_modality[m["modality"]] = summary.per_modality.get(m["modality"], 0) + 1
     summary.shards = len(writer.shards)
     summary.total_bytes = sum((output / s).stat().st_size for s in writer.shards)
+    if store is not None:
+        summary.total_bytes = sum(json.loads(m)["size"] for m in manifest)
     summary.seconds = round(time.perf_counter() - start, 3)
     # Header-level DICOM rejects and ignored files come after the volumes, sorted, so that every file is listed.
     summary.rejected = len(rejects) + len(found.rejects)
@@ -977,7 +1015,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--input", nargs="+", action="extend", required=True, type=Path, metavar="PATH",
                    help="volume files or folders (searched recursively)")  # fmt: skip
     p.add_argument("--output", required=True, type=Path, metavar="DIR", help="shard folder to write")
-    p.add_argument("--format", default="webdataset", choices=["webdataset"], help="output format")
+    p.add_argument("--format", default="webdataset", choices=["webdataset", "zarr"],
+                   help="webdataset: tar shards; zarr: a Zarr v3 store with one chunked array per volume")  # fmt: skip
     p.add_argument("--spacing", nargs=3, type=float, default=[1.0, 1.0, 1.0], metavar=("X", "Y", "Z"),
                    help="target voxel size in mm (default: 1 1 1)")  # fmt: skip
     p.add_argument("--modality", default="auto", choices=["auto", "ct", "mr"],

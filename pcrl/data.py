@@ -50,6 +50,7 @@ __all__ = [
     "decode_volume",
     "encode_volume",
     "read_manifest",
+    "read_region",
     "read_volume",
     "to_unit_range",
 ]
@@ -133,8 +134,10 @@ class SampleRecord:
     dtype: str
     split: str
     checksum: str
-    """``sha256:<hex>`` of the compressed image bytes."""
+    """``sha256:<hex>`` of the compressed image bytes (Zarr: of the uncompressed ``.npy`` bytes)."""
     source: str
+    format: str = "webdataset"
+    """``webdataset`` (``shard`` is a tar, read by offset) or ``zarr`` (``shard`` is one Zarr v3 array)."""
 
     @classmethod
     def from_line(cls, line: Mapping[str, Any], root: Path) -> SampleRecord:
@@ -160,6 +163,7 @@ class SampleRecord:
             split=str(line["split"]),
             checksum=str(line["checksum"]),
             source=str(line["source"]),
+            format=str(line.get("format", "webdataset")),
         )
 
 
@@ -291,6 +295,8 @@ def read_volume(record: SampleRecord, verify: bool = False) -> tuple[np.ndarray,
     Raises:
         ValueError: truncated shard, checksum mismatch, or an array that does not match the record.
     """
+    if record.format == "zarr":
+        return _read_zarr(record, verify)
     with open(record.shard, "rb") as f:
         data = _read_at(f, record.offset, record.size, "image", record)
         meta_bytes = _read_at(f, record.meta_offset, record.meta_size, "metadata", record)
@@ -312,6 +318,67 @@ def read_volume(record: SampleRecord, verify: bool = False) -> tuple[np.ndarray,
             f"{record.dtype}{list(record.shape)}"
         )
     return array, json.loads(meta_bytes)
+
+
+def _open_zarr(record: SampleRecord) -> Any:
+    import zarr
+
+    try:
+        return zarr.open_array(store=str(record.shard), mode="r", zarr_format=3)
+    except Exception as e:  # FileNotFoundError, zarr's own errors for a missing or broken zarr.json
+        raise ValueError(f"{record.shard}: cannot open the Zarr array of volume {record.key}: {e}") from e
+
+
+def _read_zarr(record: SampleRecord, verify: bool) -> tuple[np.ndarray, dict[str, Any]]:
+    z = _open_zarr(record)
+    array = np.asarray(z[...])
+    if tuple(array.shape) != tuple(record.shape) or str(array.dtype) != record.dtype:
+        raise ValueError(
+            f"{record.shard}: volume {record.key} is {array.dtype}{list(array.shape)} but the manifest says "
+            f"{record.dtype}{list(record.shape)}"
+        )
+    if verify:
+        buf = io.BytesIO()
+        np.lib.format.write_array(buf, np.ascontiguousarray(array), version=(1, 0), allow_pickle=False)
+        digest = "sha256:" + hashlib.sha256(buf.getvalue()).hexdigest()
+        if digest != record.checksum:
+            raise ValueError(
+                f"{record.shard}: checksum mismatch for volume {record.key} ({digest} != {record.checksum})"
+            )
+    return array, dict(z.attrs)
+
+
+def read_region(record: SampleRecord, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
+    """Read the box ``[start, start + size)`` of one volume.
+
+    A Zarr record reads only the chunks the box touches; a WebDataset record decodes the whole volume
+    (its image is one compressed blob) and slices it.
+
+    Args:
+        record: the manifest record.
+        start: (x, y, z) first voxel.
+        size: (x, y, z) voxels, with ``start + size <= record.shape``.
+
+    Returns:
+        The (size_x, size_y, size_z) array in the stored dtype.
+
+    Raises:
+        ValueError: a box outside the volume.
+    """
+    if (
+        len(start) != 3
+        or len(size) != 3
+        or any(s < 0 or n < 1 or s + n > m for s, n, m in zip(start, size, record.shape, strict=True))
+    ):
+        raise ValueError(
+            f"region start={list(start)} size={list(size)} is not inside volume {record.key} of shape "
+            f"{list(record.shape)}"
+        )
+    box = tuple(slice(int(s), int(s) + int(n)) for s, n in zip(start, size, strict=True))
+    if record.format == "zarr":
+        return np.asarray(_open_zarr(record)[box])
+    array, _ = read_volume(record)
+    return np.ascontiguousarray(array[box])
 
 
 def to_unit_range(array: np.ndarray, modality: str, ct_window: Sequence[float]) -> torch.Tensor:
