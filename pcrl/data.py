@@ -444,6 +444,10 @@ class VolumeStream(torch.utils.data.IterableDataset):
             ``None`` for MR; ``None`` turns it off.
         start: ``(epoch, cursor)`` to start from: the epoch and the number of volumes each consumer has
             already finished in it (see :meth:`state_dict`).
+        start_batches: resume a DataLoader over this stream (batches of ``batch_size``, any number of
+            workers) after it has handed out this many batches: every worker starts exactly where the
+            uninterrupted loader's worker would be (see :meth:`worker_positions`). Excludes ``start``.
+        batch_size: the DataLoader's batch size (what ``start_batches`` counts in).
         verify: check each volume's checksum while reading.
     """
 
@@ -459,6 +463,8 @@ class VolumeStream(torch.utils.data.IterableDataset):
         pairs_per_volume: int = 1,
         tissue_threshold_hu: float | None = -150.0,
         start: tuple[int, int] = (0, 0),
+        start_batches: int = 0,
+        batch_size: int = 1,
         verify: bool = False,
     ) -> None:
         super().__init__()
@@ -472,6 +478,12 @@ class VolumeStream(torch.utils.data.IterableDataset):
             raise ValueError(f"ct_window must be (low, high) with low < high, got {list(ct_window)}")
         if start[0] < 0 or start[1] < 0:
             raise ValueError(f"start must be (epoch, cursor) with both >= 0, got {start}")
+        if start_batches < 0 or batch_size < 1:
+            raise ValueError(
+                f"start_batches must be >= 0 and batch_size >= 1, got {start_batches} and {batch_size}"
+            )
+        if start_batches and tuple(start) != (0, 0):
+            raise ValueError("give either start or start_batches, not both")
         self.records = list(records)
         self.transform = transform
         self.rank = rank
@@ -481,6 +493,8 @@ class VolumeStream(torch.utils.data.IterableDataset):
         self.pairs_per_volume = pairs_per_volume
         self.tissue_threshold_hu = tissue_threshold_hu
         self.verify = verify
+        self.start_batches = int(start_batches)
+        self.batch_size = int(batch_size)
         self._start = (int(start[0]), int(start[1]))
         # Position of the consumer iterating in *this* process (epoch, volumes finished in it). With loader
         # workers each worker holds its own copy; exact multi-worker resume is derived from steps later.
@@ -508,17 +522,46 @@ class VolumeStream(torch.utils.data.IterableDataset):
         positions = range(consumer, consumer + consumers * per_consumer, consumers)
         return [(p, int(perm[p])) for p in positions]
 
-    def _consumer(self) -> tuple[int, int]:
+    def worker_positions(self, batches: int, num_workers: int) -> list[dict[str, int]]:
+        """Where each loader worker of this rank stands once a DataLoader has handed out ``batches`` batches.
+
+        A DataLoader takes its batches round-robin from workers 0..W-1, each ``batch_size`` consecutive
+        samples of one worker's stream, so worker ``w`` has made ``ceil((batches - w) / W)`` of them (one
+        worker, the loading process itself, when ``num_workers`` is 0). Entry ``w`` is
+        ``{"worker", "samples", "epoch", "cursor", "pair"}``: worker ``w`` has yielded ``samples`` samples
+        and next renders pair ``pair`` of volume ``cursor`` of its share of epoch ``epoch``.
+        """
+        workers = max(1, num_workers)
+        per_epoch = len(self.records) // self.consumers(num_workers) * self.pairs_per_volume
+        positions = []
+        for w in range(workers):
+            samples = max(0, -(-(batches - w) // workers)) * self.batch_size
+            epoch, rest = divmod(samples, per_epoch)
+            cursor, pair = divmod(rest, self.pairs_per_volume)
+            positions.append(
+                {"worker": w, "samples": samples, "epoch": epoch, "cursor": cursor, "pair": pair}
+            )
+        return positions
+
+    def _consumer(self) -> tuple[int, int, int]:
         info = torch.utils.data.get_worker_info()
         num_workers, worker_id = (1, 0) if info is None else (info.num_workers, info.id)
         self.check_consumers(num_workers)
-        return self.rank * num_workers + worker_id, self.consumers(num_workers)
+        # A resumed loader asks worker 0 first, where the uninterrupted one would ask worker
+        # start_batches mod W next: worker i carries on the stream of worker (i + start_batches) mod W.
+        slot = (worker_id + self.start_batches) % num_workers
+        return slot, self.rank * num_workers + slot, self.consumers(num_workers)
 
     # -- iteration -------------------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        consumer, consumers = self._consumer()
+        slot, consumer, consumers = self._consumer()
         epoch, cursor = self._start
+        first_pair = 0
+        if self.start_batches:
+            num_workers = consumers // self.world_size
+            at = self.worker_positions(self.start_batches, num_workers)[slot]
+            epoch, cursor, first_pair = at["epoch"], at["cursor"], at["pair"]
         while True:
             indices = self.epoch_indices(epoch, consumer, consumers)
             for done, (position, index) in enumerate(indices[cursor:], start=cursor + 1):
@@ -527,14 +570,54 @@ class VolumeStream(torch.utils.data.IterableDataset):
                 volume = to_unit_range(array, record.modality, self.ct_window)
                 del array
                 threshold = _threshold_to_unit(self.tissue_threshold_hu, record.modality, self.ct_window)
-                for pair in range(self.pairs_per_volume):
+                for pair in range(first_pair, self.pairs_per_volume):
                     sample = self.transform(volume, _sample_seed(self.seed, epoch, position, pair), threshold)
                     sample["key"] = record.key
                     if pair == self.pairs_per_volume - 1:
                         # Advance before the last yield: a generator paused there has handed this volume out.
                         self._position = (epoch, done) if done < len(indices) else (epoch + 1, 0)
                     yield sample
+                first_pair = 0
             epoch, cursor = epoch + 1, 0
+
+    def loader_state(self, batches: int, num_workers: int) -> dict[str, Any]:
+        """The data position a checkpoint records for a loader with ``num_workers`` workers that has handed
+        out ``batches`` batches: every worker's position, plus everything those positions depend on."""
+        return {
+            "batches": batches,
+            "batch_size": self.batch_size,
+            "num_workers": num_workers,
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_records": len(self.records),
+            "pairs_per_volume": self.pairs_per_volume,
+            "workers": self.worker_positions(batches, num_workers),
+        }
+
+    def check_loader_state(self, saved: Mapping[str, Any], num_workers: int) -> None:
+        """Raise ValueError, naming the setting, unless ``saved`` (from :meth:`loader_state`) is exactly where
+        this stream resumes a loader with ``num_workers`` workers."""
+        mine = self.loader_state(self.start_batches, num_workers)
+        settings = {
+            "seed": "run.seed",
+            "world_size": "the number of processes",
+            "num_workers": "data.num_workers",
+            "batch_size": "train.micro_batch_size",
+            "pairs_per_volume": "views.pairs_per_volume",
+            "num_records": "the number of volumes in data.shards (data.split)",
+        }
+        for key, setting in settings.items():
+            if saved.get(key) != mine[key]:
+                raise ValueError(
+                    f"{setting} was {saved.get(key)} when the checkpoint was written and is {mine[key]} now, so "
+                    "the data position cannot be carried over exactly; relaunch with the checkpoint's value "
+                    "or start a new run (another run.name)"
+                )
+        if saved != mine:
+            raise ValueError(
+                f"the checkpoint's data position {dict(saved)} is not where the loader resumes: {mine}"
+            )
 
     def state_dict(self) -> dict[str, Any]:
         """The position of the consumer iterating in this process, plus what it depends on.
@@ -589,12 +672,31 @@ def collate_views(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return batch
 
 
+def _loader_seed(seed: int, rank: int) -> int:
+    """Seed of the DataLoader's own generator (its workers' base seed), a pure function of (seed, rank)."""
+    return int(
+        np.random.SeedSequence([seed, rank, 0x10AD]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)
+    )
+
+
+def _worker_init(worker_id: int) -> None:
+    # A preemption signal (SIGTERM/SIGUSR1) may reach the whole process group; it is the training process's
+    # to handle at a step boundary, and a worker dying of it would fail the batch in flight.
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def build_loader(
-    cfg: PretrainConfig, transform: Transform, rank: int, world_size: int
+    cfg: PretrainConfig, transform: Transform, rank: int, world_size: int, start_batches: int = 0
 ) -> torch.utils.data.DataLoader:
     """The training loader of one rank: manifest → :class:`VolumeStream` → batches of views.
 
-    Batches come from one worker each, round-robin, so the batch sequence is deterministic.
+    Batches come from one worker each, round-robin, so the batch sequence is deterministic, and a loader
+    built with ``start_batches=N`` continues exactly where one that has handed out N batches stands. The
+    workers' own RNGs are seeded from ``(run.seed, rank)``; the views never draw from them (each sample has
+    its own seed), and the training process's global RNG is left untouched.
 
     Raises:
         FileNotFoundError / ValueError: see :func:`read_manifest`; ValueError also when there are fewer
@@ -610,6 +712,8 @@ def build_loader(
         ct_window=cfg.data.ct_window,
         pairs_per_volume=cfg.views.pairs_per_volume,
         tissue_threshold_hu=cfg.views.tissue_threshold_hu if cfg.views.tissue_filter else None,
+        start_batches=start_batches,
+        batch_size=cfg.train.micro_batch_size,
     )
     workers = cfg.data.num_workers
     # Fail here, in the training process, rather than inside a worker.
@@ -623,5 +727,7 @@ def build_loader(
         num_workers=workers,
         collate_fn=collate_views,
         pin_memory=torch.cuda.is_available(),
+        worker_init_fn=_worker_init if workers else None,
+        generator=torch.Generator().manual_seed(_loader_seed(cfg.run.seed, rank)),
         **extra,
     )

@@ -15,7 +15,7 @@ import torch
 
 from data_prep.readers import load_volume
 from data_prep.shard import shard_volumes
-from pcrl.config import DataConfig, PretrainConfig, RunConfig, TrainConfig
+from pcrl.config import DataConfig, PretrainConfig, RunConfig, TrainConfig, ViewsConfig
 from pcrl.data import (
     SampleRecord,
     VolumeStream,
@@ -320,6 +320,40 @@ def test_build_loader_batches_views_from_the_config(sample_shards: Path, num_wor
         assert isinstance(batch["keys"], list) and all(isinstance(k, str) for k in batch["keys"])
     keys = [k for b in batches for k in b["keys"]]
     assert len(set(keys)) == 4
+
+
+def _batches(loader: torch.utils.data.DataLoader, n: int) -> list[list[tuple[str, int]]]:
+    out = []
+    for batch in loader:
+        out.append([(k, int(s)) for k, s in zip(batch["keys"], batch["seed"], strict=True)])
+        if len(out) == n:
+            break
+    return out
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_build_loader_resumes_mid_epoch_exactly(crop_shards: Path, num_workers: int) -> None:
+    """A loader built with start_batches=N yields exactly what an uninterrupted loader yields after N batches:
+    the bug it pins is a resumed run that trains on other samples (restarted workers, a worker order
+    shifted by one, a volume's remaining pairs skipped), which breaks bit-exact resume. Rank 1 of 2, three
+    pairs per volume and batches of 2, so resume points fall inside volumes, epochs and worker turns."""
+    cfg = PretrainConfig(
+        run=RunConfig(seed=5),
+        data=DataConfig(shards=str(crop_shards), num_workers=num_workers, prefetch_factor=1),
+        views=ViewsConfig(global_size=(16, 16, 8), local_size=(8, 8, 8), pairs_per_volume=3),
+        train=TrainConfig(micro_batch_size=2),
+    )
+    full = _batches(build_loader(cfg, CropViews(), rank=1, world_size=2), 9)
+    assert len({s for batch in full for _, s in batch}) == 18  # every sample rendered once
+    for start in (1, 4, 5):
+        resumed = build_loader(cfg, CropViews(), rank=1, world_size=2, start_batches=start)
+        assert _batches(resumed, 9 - start) == full[start:], start
+        stream = resumed.dataset
+        state = stream.loader_state(start, num_workers)
+        stream.check_loader_state(state, num_workers)
+        assert sum(w["samples"] for w in state["workers"]) == 2 * start
+    with pytest.raises(ValueError, match=r"data\.num_workers was 3 .* and is"):
+        stream.check_loader_state({**state, "num_workers": 3}, num_workers)
 
 
 def test_collate_views_stacks_tensors_and_lists_the_rest() -> None:
