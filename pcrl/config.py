@@ -395,9 +395,30 @@ class TrackingConfig:
     sample_keys: bool = False
     """Record which volume keys each rank trained on at each step (``sample_keys/rank<r>.jsonl``), to audit
     the data a run saw."""
+    image_every: int = 1000
+    """Draw the reconstruction panel every N steps and at the last step (0 = never). Rank 0 writes
+    ``images/recon_step_<step>.png`` in the run folder and logs it to MLflow under ``images/``."""
+    image_volumes: int = 2
+    """Fixed volumes shown in the panel, 2-8 (the model runs on them with batch statistics, as in training,
+    and BatchNorm needs two samples)."""
+    image_split: str = "val"
+    """Split the panel's volumes come from (``train``, ``val``, ``test`` or ``all``); when it holds none, the
+    first volumes of ``data.split`` are shown instead."""
 
     def __post_init__(self) -> None:
         _check(bool(self.experiment), "tracking.experiment", "must not be empty")
+        _check(self.image_every >= 0, "tracking.image_every", f"must be >= 0, got {self.image_every}")
+        _check(
+            2 <= self.image_volumes <= 8,
+            "tracking.image_volumes",
+            "must be in [2, 8] (BatchNorm needs two samples; more do not fit a picture), "
+            f"got {self.image_volumes}",
+        )
+        _check(
+            self.image_split in ("train", "val", "test", "all"),
+            "tracking.image_split",
+            f"must be train, val, test or all, got {self.image_split!r}",
+        )
 
 
 @dataclass

@@ -195,6 +195,12 @@ def train(cfg: PretrainConfig, reporter: Reporter | None = None) -> dict[str, fl
                 )
 
     # -- tracking --------------------------------------------------------------------------------
+    # Rank 0 reads and renders the panel's fixed views now, before an MLflow run exists to be left open.
+    panel = None
+    if distributed.is_main() and cfg.tracking.image_every and start_step < cfg.train.max_steps:
+        from pcrl.figures import ReconstructionPanel
+
+        panel = ReconstructionPanel.from_config(cfg, engine.device)
     tracker = Tracker(
         run_dir,
         cfg.tracking.uri,
@@ -274,6 +280,12 @@ def train(cfg: PretrainConfig, reporter: Reporter | None = None) -> dict[str, fl
                 last_metrics = metrics
                 sums = dict.fromkeys(LOSS_TERMS, 0.0)
                 window_steps, window_wait, window_t0 = 0, 0.0, time.perf_counter()
+
+            if panel is not None and (step % cfg.tracking.image_every == 0 or step == cfg.train.max_steps):
+                # Rank 0 alone, no collective inside: the other ranks go on and wait at the next step.
+                image = panel.save(engine.module.model, step, run_dir / "images")
+                if image is not None:
+                    tracker.log_artifact(image, "images")
 
             if step == cfg.train.max_steps or (
                 cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0
