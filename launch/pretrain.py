@@ -50,15 +50,21 @@ def summary(cfg: PretrainConfig, metrics: dict[str, float]) -> str:
         f"{k.removeprefix('loss/')} {v:.4f}" for k, v in metrics.items() if k.startswith("loss/")
     )
     lines = ["", f"run folder:   {_short(cfg.run_dir)}", f"final losses: {losses}"]
+    images = sorted((cfg.run_dir / "images").glob("recon_step_*.png"))
+    if images:
+        lines.append(f"pictures:     {_short(images[-1])} (reconstruction panels, also in MLflow)")
     if cfg.tracking.enabled:
         uri = cfg.tracking.uri or f"sqlite:///{_short(cfg.run_dir / 'mlflow.db')}"
         # The interpreter of this run (a venv's, unresolved, so its mlflow is the one that gets started).
         exe = Path(sys.executable)
         python = str(exe.relative_to(Path.cwd())) if exe.is_relative_to(Path.cwd()) else "python"
-        lines.append(
-            f"MLflow UI:    {python} -m mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri {shlex.quote(uri)}"
-        )
-        lines.append("              then open http://127.0.0.1:5000")
+        command = f"{python} -m mlflow ui --host 127.0.0.1 --port 5000 --workers 1 --backend-store-uri {shlex.quote(uri)}"
+        if not cfg.tracking.uri and Path("Makefile").is_file():
+            lines.append(f"MLflow UI:    make ui RUN={shlex.quote(_short(cfg.run_dir))}")
+            lines.append(f"              or {command}")
+        else:
+            lines.append(f"MLflow UI:    {command}")
+        lines.append('              then open http://127.0.0.1:5000 ("Model training" at the top left)')
     return "\n".join(lines)
 
 
