@@ -1,4 +1,5 @@
-"""Volumes on disk → WebDataset tar shards + ``manifest.jsonl`` / ``rejects.jsonl`` / ``summary.json``.
+"""Volumes on disk (NIfTI, NRRD, MetaImage, DICOM) → WebDataset tar shards or a Zarr v3 store +
+``manifest.jsonl`` / ``rejects.jsonl`` / ``summary.json``.
 
 Usage::
 
@@ -15,7 +16,9 @@ samples, and the parent writes them in input order into tars with fixed metadata
 Keys are the first 16 hex digits of the sha256 of the uncompressed ``.npy`` bytes (see
 :func:`pcrl.data.encode_volume`); two inputs with identical content are one volume (the second is rejected
 as a duplicate). Files appear under temporary names and are renamed when complete; the manifest is
-written last, so a folder with a manifest is a complete shard set.
+written last, so a folder with a manifest is a complete shard set. ``summary.json`` records a fingerprint of
+the inputs and options: a re-run of the same job writes nothing, and a killed job resumes from
+``journal.jsonl``, whose entries are flushed only when the shard (or Zarr array) holding them is complete.
 
 Exit codes: 0 done, 2 usage error, 3 more rejects than ``--max-reject-fraction`` (outputs still written).
 """
