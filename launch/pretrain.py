@@ -4,8 +4,17 @@
     deepspeed --num_gpus 2 launch/pretrain.py --config ...     # several processes (GPUs, or CPU with gloo)
     python launch/pretrain.py --config ...                      # one process, no launcher
 
-Launching again with the same run.output_dir/run.name continues that run from its latest checkpoint.
-Exit status: 0 done, 2 bad config or command line, 3 non-finite loss.
+Launching again with the same run.output_dir/run.name continues that run from its latest checkpoint,
+exactly: a run killed at any step and launched again ends as if it had never stopped.
+
+SIGTERM or SIGUSR1 (what Slurm sends before a time limit or a preemption) to any training process makes
+every rank save a checkpoint at the next step boundary and exit with status 75; launching the same command
+again continues from there (launch/slurm/pretrain.sbatch requeues the job on 75). Under the ``deepspeed``
+launcher, signal the training processes themselves (or the whole process group): the launcher does not
+pass SIGUSR1 on, and it reports 1 when it was signalled itself.
+
+Exit status: 0 done, 2 bad config or command line, 3 non-finite loss, 75 preempted (checkpoint saved,
+relaunch to continue).
 """
 
 from __future__ import annotations
@@ -22,6 +31,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pcrl.config import ConfigError, PretrainConfig, load_config
+
+EXIT_PREEMPTED = 75
+"""Exit status after a preemption signal: a checkpoint was saved; relaunch the same command to continue
+(EX_TEMPFAIL: a temporary failure, try again)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
 
-    from pcrl.engine import NonFiniteLossError, configure_logging, train
+    from pcrl.engine import NonFiniteLossError, Preempted, configure_logging, train
 
     configure_logging()
     try:
@@ -94,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"pretrain: stopped: {e}", file=sys.stderr)
         return 3
+    except Preempted as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"pretrain: preempted: {e}; launch the same command again to continue", file=sys.stderr)
+        return EXIT_PREEMPTED
     finally:
         import torch.distributed as dist
 

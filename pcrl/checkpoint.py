@@ -1,23 +1,51 @@
-"""Checkpoints in the run folder: ``checkpoints/step_00001000/`` tags written by DeepSpeed on every rank,
-the resolved config beside them, and a ``latest`` pointer written last and atomically by rank 0.
+"""Checkpoints in the run folder, written so that a kill at any moment leaves a resumable run.
+
+One checkpoint is a tag folder ``checkpoints/step_00001000/``: DeepSpeed's files from every rank (the model
+states file carries the client state; ZeRO adds an optimizer shard per rank), the resolved ``config.yaml``
+and ``manifest.json`` (size and sha256 of every file, written by rank 0 once all ranks have saved). Then
+``checkpoints/latest`` names the tag, written atomically: the commit point. Older tags beyond
+``train.keep_checkpoints`` are deleted only after that.
+
+Resuming takes the tag ``latest`` names if its files match the manifest, else the newest older tag that
+does, with a warning naming the bad one (a disk that filled up, a copy cut short). Nothing is deleted or
+rewritten when that happens.
 
 The client state holds plain data only (numbers, strings, lists, dicts and tensors), so it loads with
-``torch.load(weights_only=True)``.
+``torch.load(weights_only=True)``. Its ``ranks`` entry lists every rank's own state (RNGs, data position),
+gathered before the save because DeepSpeed writes the client state of rank 0 alone.
+
+The run folder must be on a filesystem every node sees (resuming reads it from all ranks anyway).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 from pcrl import distributed
-from pcrl.config import PretrainConfig, save_config
+from pcrl.config import ConfigError, PretrainConfig, save_config
 
-__all__ = ["checkpoint_dir", "checkpoint_tag", "latest_tag", "load_latest", "save_checkpoint"]
+__all__ = [
+    "MANIFEST_NAME",
+    "checkpoint_dir",
+    "checkpoint_step",
+    "checkpoint_tag",
+    "find_resume_tag",
+    "load_checkpoint",
+    "save_checkpoint",
+    "verify_checkpoint",
+]
 
 logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+_TAG = re.compile(r"step_(\d{8,})")
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -30,6 +58,35 @@ def checkpoint_tag(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def checkpoint_step(tag: str) -> int | None:
+    """The step of a tag name, or None when ``tag`` is not one."""
+    m = _TAG.fullmatch(tag)
+    return int(m.group(1)) if m else None
+
+
+def _step(tag: str) -> int:
+    step = checkpoint_step(tag)
+    assert step is not None, tag
+    return step
+
+
+def _tags(ckpt_dir: Path) -> list[str]:
+    """Tag folders in ``ckpt_dir``, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(
+        (p.name for p in ckpt_dir.iterdir() if p.is_dir() and checkpoint_step(p.name) is not None), key=_step
+    )
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     with tmp.open("w") as f:
@@ -37,49 +94,166 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(path)
+    _fsync_dir(path.parent)
 
 
-def save_checkpoint(engine: Any, cfg: PretrainConfig, step: int, client_state: dict[str, Any]) -> Path:
-    """Save a DeepSpeed checkpoint for ``step`` on every rank, then move the ``latest`` pointer.
+def _file_digest(path: Path, flush: bool = False) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+        if flush:
+            # DeepSpeed's torch.save does not fsync; the manifest must not promise bytes still in a cache.
+            os.fsync(f.fileno())
+    return h.hexdigest()
+
+
+def _files(tag_dir: Path) -> list[Path]:
+    return sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+
+
+def _write_manifest(tag_dir: Path) -> None:
+    files = {
+        str(p.relative_to(tag_dir)): {"size": p.stat().st_size, "sha256": _file_digest(p, flush=True)}
+        for p in _files(tag_dir)
+    }
+    _write_atomic(tag_dir / MANIFEST_NAME, json.dumps({"files": files}, indent=1, sort_keys=True))
+
+
+def verify_checkpoint(tag_dir: Path) -> str | None:
+    """Check a tag folder against its manifest: None when complete and intact, else what is wrong."""
+    if not tag_dir.is_dir():
+        return "the folder does not exist"
+    try:
+        files = json.loads((tag_dir / MANIFEST_NAME).read_text())["files"]
+    except FileNotFoundError:
+        return f"it has no {MANIFEST_NAME} (its save did not finish)"
+    except (ValueError, KeyError, TypeError) as e:
+        return f"its {MANIFEST_NAME} is unreadable ({e})"
+    for name, expected in sorted(files.items()):
+        path = tag_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != expected["size"]:
+            return f"{name} has {size} bytes instead of {expected['size']} (truncated or overwritten)"
+        if _file_digest(path) != expected["sha256"]:
+            return f"{name} does not match its sha256 (corrupt)"
+    return None
+
+
+def _prune(ckpt_dir: Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    for tag in _tags(ckpt_dir)[:-keep]:
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+        logger.info("deleted old checkpoint %s (train.keep_checkpoints=%d)", ckpt_dir / tag, keep)
+
+
+def save_checkpoint(
+    engine: Any, cfg: PretrainConfig, step: int, client_state: dict[str, Any], rank_state: dict[str, Any]
+) -> Path:
+    """Save the checkpoint of ``step``: DeepSpeed's files on every rank, then (rank 0) the config, the
+    manifest, the ``latest`` pointer, and the deletion of tags beyond ``train.keep_checkpoints``.
 
     Must be called by all ranks (each saves its own optimizer/ZeRO partitions).
+
+    Args:
+        engine: the DeepSpeed engine.
+        cfg: the resolved config.
+        step: optimizer steps done.
+        client_state: what every rank shares (step, MLflow run id, config).
+        rank_state: this rank's own state (RNGs, data position); all ranks' are stored under ``"ranks"``.
 
     Returns:
         The tag folder.
     """
     ckpt_dir = checkpoint_dir(cfg.run_dir)
     tag = checkpoint_tag(step)
+    tag_dir = ckpt_dir / tag
+    if distributed.is_main() and tag_dir.exists():
+        # Left by a run killed while saving this step (``latest`` never named it): no stale file may mix
+        # with the new ones or enter the new manifest.
+        shutil.rmtree(tag_dir)
+    distributed.barrier()
+    state = {**client_state, "ranks": distributed.all_gather_object(rank_state)}
     # DeepSpeed's own 'latest' file is written non-atomically and before every rank is done: write ours.
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=False)
     distributed.barrier()
     if distributed.is_main():
-        save_config(cfg, ckpt_dir / tag / "config.yaml")
+        save_config(cfg, tag_dir / "config.yaml")
+        _write_manifest(tag_dir)
         _write_atomic(ckpt_dir / "latest", tag)
-        logger.info("saved checkpoint %s", ckpt_dir / tag)
+        _prune(ckpt_dir, cfg.train.keep_checkpoints)
+        logger.info("saved checkpoint %s", tag_dir)
     distributed.barrier()
-    return ckpt_dir / tag
+    return tag_dir
 
 
-def latest_tag(run_dir: Path) -> str | None:
-    """The tag named by ``checkpoints/latest``, or None for a fresh run folder."""
-    pointer = checkpoint_dir(run_dir) / "latest"
+def _pick_tag(run_dir: Path) -> tuple[str | None, str | None]:
+    """(tag to resume from, None) or (None, error message); (None, None) for a fresh run folder."""
+    ckpt_dir = checkpoint_dir(run_dir)
+    pointer = ckpt_dir / "latest"
     if not pointer.is_file():
-        return None
-    tag = pointer.read_text().strip()
-    if not (checkpoint_dir(run_dir) / tag).is_dir():
-        raise FileNotFoundError(
-            f"{pointer} names checkpoint {tag!r}, but {checkpoint_dir(run_dir) / tag} does not exist; "
-            "restore the folder or delete the pointer to start over"
-        )
+        return None, None
+    named = pointer.read_text().strip()
+    named_step = checkpoint_step(named)
+    candidates = [t for t in reversed(_tags(ckpt_dir)) if named_step is None or _step(t) < named_step]
+    bad = []
+    if named_step is None:
+        logger.warning("%s names %r, which is not a checkpoint tag", pointer, named)
+        bad.append(repr(named))
+    else:
+        candidates.insert(0, named)
+    for tag in candidates:
+        problem = verify_checkpoint(ckpt_dir / tag)
+        if problem is None:
+            if bad:
+                logger.warning("resuming from the previous complete checkpoint %s", ckpt_dir / tag)
+            return tag, None
+        logger.warning("checkpoint %s is unusable: %s", ckpt_dir / tag, problem)
+        bad.append(tag)
+    return None, (
+        f"no usable checkpoint in {ckpt_dir} (checked {', '.join(bad)}); restore the folder from a copy, or "
+        f"delete {ckpt_dir} to start the run over"
+    )
+
+
+def find_resume_tag(run_dir: Path) -> str | None:
+    """The checkpoint tag to resume from, the same on every rank (rank 0 verifies, then broadcasts).
+
+    Returns:
+        The tag, or None for a run folder without a ``latest`` pointer (a fresh run).
+
+    Raises:
+        RuntimeError: ``latest`` exists but neither it nor any older tag passes :func:`verify_checkpoint`.
+    """
+    picked = _pick_tag(Path(run_dir)) if distributed.is_main() else None
+    tag, error = distributed.broadcast_object(picked)
+    if error is not None:
+        raise RuntimeError(error)
     return tag
 
 
-def load_latest(engine: Any, run_dir: Path) -> dict[str, Any] | None:
-    """Load the latest checkpoint of ``run_dir`` into ``engine``; returns its client state (None if none)."""
-    tag = latest_tag(run_dir)
-    if tag is None:
-        return None
-    path, client_state = engine.load_checkpoint(str(checkpoint_dir(run_dir)), tag=tag)
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {checkpoint_dir(run_dir) / tag}")
-    return client_state
+def load_checkpoint(engine: Any, run_dir: Path, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load checkpoint ``tag`` of ``run_dir`` into ``engine`` on every rank.
+
+    Returns:
+        The shared client state and this rank's own entry of it.
+
+    Raises:
+        ConfigError: the checkpoint was written by another number of processes.
+        RuntimeError: DeepSpeed could not load it.
+    """
+    ckpt_dir = checkpoint_dir(run_dir)
+    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    if path is None or client_state is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+    ranks = client_state.pop("ranks")
+    world = distributed.world_size()
+    if len(ranks) != world:
+        raise ConfigError(
+            f"checkpoint {ckpt_dir / tag} was written by {len(ranks)} processes and this launch has {world}; "
+            f"relaunch with {len(ranks)} processes, or start a new run (another run.name)"
+        )
+    return client_state, ranks[distributed.rank()]

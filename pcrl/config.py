@@ -340,7 +340,10 @@ class TrainConfig:
     grad_clip: float = 0.0
     """Clip the global gradient norm to this (0 = off, as the reference)."""
     checkpoint_every: int = 1000
-    """Save a checkpoint every N steps (and always at the end). 0 = only at the end."""
+    """Save a checkpoint every N steps (and always at the end, and on a preemption signal). 0 = only then."""
+    keep_checkpoints: int = 3
+    """Checkpoints kept in the run folder, the newest ones (older tags are deleted once ``latest`` moves past
+    them); 0 keeps all. Keep at least 2, so a checkpoint damaged on disk has a predecessor to resume from."""
     log_every: int = 10
     """Log metrics every N steps."""
 
@@ -359,6 +362,9 @@ class TrainConfig:
             self.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}"
         )
         _check(self.log_every >= 1, "train.log_every", f"must be >= 1, got {self.log_every}")
+        _check(
+            self.keep_checkpoints >= 0, "train.keep_checkpoints", f"must be >= 0, got {self.keep_checkpoints}"
+        )
 
 
 @dataclass

@@ -19,8 +19,11 @@ import torch.distributed as dist
 from pcrl.config import ConfigError, PretrainConfig
 
 __all__ = [
+    "all_gather_object",
     "all_reduce_mean",
+    "any_rank",
     "barrier",
+    "broadcast_object",
     "deepspeed_config",
     "init_distributed",
     "is_main",
@@ -76,6 +79,35 @@ def all_reduce_mean(value: float | torch.Tensor) -> float:
         t = t.cuda()
     dist.all_reduce(t)
     return float(t.item()) / dist.get_world_size()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any rank (the flag itself in one process)."""
+    if not _initialized():
+        return bool(flag)
+    t = torch.tensor([int(flag)], dtype=torch.int32)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (``[obj]`` in one process). Pickles: for small states only."""
+    if not _initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (``obj`` itself in one process)."""
+    if not _initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def _free_port() -> int:

@@ -3,6 +3,12 @@
 ``train(cfg)`` builds everything in a fixed order (distributed → data → model + objective → DeepSpeed →
 resume → tracking) and then runs ``train_step`` until ``train.max_steps``. A reader can follow it from
 the first line to ``engine.step()`` in this file.
+
+Resuming is exact: a checkpoint holds, besides DeepSpeed's model and optimizer state, every rank's RNGs,
+its objective generator, its loader position and its partial log window, so a run killed at any step and
+launched again ends bitwise identical to an uninterrupted one (fp32 on CPU). SIGTERM and SIGUSR1 (what
+Slurm sends before a time limit or a preemption) make every rank save at the next step boundary and stop
+with :class:`Preempted`.
 """
 
 from __future__ import annotations
@@ -12,7 +18,9 @@ import logging
 import math
 import random
 import resource
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,11 +30,27 @@ import numpy as np
 import torch
 
 from pcrl import distributed
-from pcrl.checkpoint import load_latest, save_checkpoint
-from pcrl.config import ConfigError, OptimConfig, PretrainConfig, config_hash, flatten_config, save_config
+from pcrl.checkpoint import checkpoint_step, find_resume_tag, load_checkpoint, save_checkpoint
+from pcrl.config import (
+    ConfigError,
+    OptimConfig,
+    PretrainConfig,
+    config_hash,
+    config_to_dict,
+    flatten_config,
+    save_config,
+)
 from pcrl.tracking import ConsoleProgress, Tracker
 
-__all__ = ["NonFiniteLossError", "build_optimizer", "configure_logging", "lr_schedule", "train", "train_step"]
+__all__ = [
+    "NonFiniteLossError",
+    "Preempted",
+    "build_optimizer",
+    "configure_logging",
+    "lr_schedule",
+    "train",
+    "train_step",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +62,41 @@ Reporter = Callable[[dict[str, float], int], None]
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; raised before the optimizer update of that step."""
+
+
+class Preempted(RuntimeError):
+    """A preemption signal reached some rank; every rank saved a checkpoint at ``step`` and stopped."""
+
+    def __init__(self, step: int, signal_name: str) -> None:
+        super().__init__(f"{signal_name} received; saved a checkpoint at step {step} and stopped")
+        self.step = step
+        self.signal_name = signal_name
+
+
+class _StopSignals:
+    """SIGTERM and SIGUSR1 only set a flag; the loop acts on it at the next step boundary, where every rank
+    can agree and save (a rank that stopped alone would leave the others hanging in a collective)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        # Signal handlers belong to the main thread; a run driven from another thread (a Ray Tune trial)
+        # leaves preemption to its driver.
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
 
 def lr_schedule(step: int, total_steps: int, cfg: OptimConfig) -> float:
@@ -94,6 +153,53 @@ def _cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def _rng_state() -> dict[str, Any]:
+    """The global RNGs as plain data (loads with ``torch.load(weights_only=True)``)."""
+    version, internal, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": {
+            "keys": keys.tolist(),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(
+        ("MT19937", np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached"])
+    )
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def _trim_jsonl(path: Path, last_step: int) -> None:
+    """Drop the records after ``last_step`` (written after the checkpoint a run resumes from)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (ValueError, KeyError):
+            break  # a line cut short by a kill ends the valid part
+    if len(kept) < len(lines):
+        path.write_text("".join(kept))
+
+
 def _peak_memory_gib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
@@ -137,6 +243,10 @@ def train(cfg: PretrainConfig, reporter: Reporter | None = None) -> dict[str, fl
     from pcrl.objective import PCRLv2Objective, PCRLv2Task, beta_schedule
     from pcrl.views import PCRLv2Views
 
+    # From here on a preemption signal is a request to save and stop at the next step boundary.
+    stop = _StopSignals()
+    stop.install()
+
     # -- init distributed ------------------------------------------------------------------------
     distributed.init_distributed(cfg.engine.dist_timeout_s)
     rank, world = distributed.rank(), distributed.world_size()
@@ -145,14 +255,20 @@ def train(cfg: PretrainConfig, reporter: Reporter | None = None) -> dict[str, fl
         torch.cuda.set_device(distributed.local_rank())
     _seed_everything(cfg.run.seed + rank)
 
+    # -- find the checkpoint to resume from (verified by rank 0, the same tag on every rank) ----------
+    run_dir = cfg.run_dir
+    resume_tag = find_resume_tag(run_dir)
+    start_step = 0 if resume_tag is None else checkpoint_step(resume_tag)
+
     # -- build data ------------------------------------------------------------------------------
     views = PCRLv2Views(cfg.views)
     try:
-        loader = build_loader(cfg, views, rank=rank, world_size=world)
+        loader = build_loader(
+            cfg, views, rank=rank, world_size=world, start_batches=start_step * cfg.train.grad_accum_steps
+        )
     except (FileNotFoundError, ValueError) as e:
         # A wrong path or too few volumes is a user mistake, reported before the run folder exists.
         raise ConfigError(f"data.shards={cfg.data.shards}: {e}") from None
-    run_dir = cfg.run_dir
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -180,13 +296,21 @@ def train(cfg: PretrainConfig, reporter: Reporter | None = None) -> dict[str, fl
     # -- resume ----------------------------------------------------------------------------------
     # The scale draws of the objective follow their own seeded stream, identical on every launch.
     generator = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + rank)
-    start_step, run_id = 0, None
-    client_state = load_latest(engine, run_dir)
-    if client_state is not None:
-        start_step = int(client_state["step"])
-        run_id = client_state.get("mlflow_run_id")
-        if "generator" in client_state:
-            generator.set_state(client_state["generator"])
+    run_id = None
+    window: dict[str, Any] = {"steps": 0, "sums": dict.fromkeys(LOSS_TERMS, 0.0)}
+    if resume_tag is not None:
+        shared, own = load_checkpoint(engine, run_dir, resume_tag)
+        assert int(shared["step"]) == start_step, (shared["step"], resume_tag)
+        try:
+            loader.dataset.check_loader_state(own["data"], cfg.data.num_workers)
+        except ValueError as e:
+            raise ConfigError(f"cannot resume {run_dir} from {resume_tag}: {e}") from None
+        run_id = shared.get("mlflow_run_id")
+        generator.set_state(own["generator"])
+        _set_rng_state(own["rng"])
+        window = own["window"]
+        if cfg.tracking.sample_keys:
+            _trim_jsonl(run_dir / "sample_keys" / f"rank{rank}.jsonl", start_step)
         if distributed.is_main():
             logger.info("resuming %s from step %d", run_dir, start_step)
             if start_step >= cfg.train.max_steps:
@@ -205,7 +329,8 @@ def train(cfg: PretrainConfig, reporter: Reporter | None = None) -> dict[str, fl
         run_dir,
         cfg.tracking.uri,
         cfg.tracking.experiment,
-        enabled=distributed.is_main() and cfg.tracking.enabled,
+        enabled=cfg.tracking.enabled,
+        main=distributed.is_main(),
     )
     run_id = tracker.start(cfg.run.name, flatten_config(cfg), run_id=run_id)
     if distributed.is_main():
@@ -232,8 +357,9 @@ def train(cfg: PretrainConfig, reporter: Reporter | None = None) -> dict[str, fl
         (run_dir / "sample_keys").mkdir(exist_ok=True)
         keys_file = (run_dir / "sample_keys" / f"rank{rank}.jsonl").open("a")
     samples_per_step = ds_config["train_batch_size"]
-    sums = dict.fromkeys(LOSS_TERMS, 0.0)
-    window_steps, window_wait, window_t0 = 0, 0.0, time.perf_counter()
+    # A resumed run carries on the log window its checkpoint was taken in, so the logged means are exact.
+    sums = dict(window["sums"])
+    window_steps, window_wait, window_t0 = int(window["steps"]), 0.0, time.perf_counter()
     last_metrics: dict[str, float] = {}
     status = "FAILED"
     step = start_step
@@ -287,23 +413,38 @@ def train(cfg: PretrainConfig, reporter: Reporter | None = None) -> dict[str, fl
                 if image is not None:
                     tracker.log_artifact(image, "images")
 
-            if step == cfg.train.max_steps or (
-                cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0
+            # One small all-reduce per step, so a signal that reached one rank stops them all together.
+            preempted = step < cfg.train.max_steps and distributed.any_rank(stop.received is not None)
+            if (
+                preempted
+                or step == cfg.train.max_steps
+                or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)
             ):
-                state = {
+                shared = {
                     "step": step,
-                    "generator": generator.get_state(),
                     "mlflow_run_id": run_id,
                     "config_hash": config_hash(cfg),
+                    "config": config_to_dict(cfg),
                 }
-                save_checkpoint(engine, cfg, step, state)
+                own = {
+                    "rng": _rng_state(),
+                    "generator": generator.get_state(),
+                    "data": loader.dataset.loader_state(
+                        step * cfg.train.grad_accum_steps, cfg.data.num_workers
+                    ),
+                    "window": {"steps": window_steps, "sums": dict(sums)},
+                }
+                save_checkpoint(engine, cfg, step, shared, own)
+            if preempted:
+                raise Preempted(step, stop.received or "a signal on another rank")
         status = "FINISHED"
         if not last_metrics:
             last_metrics = _last_record(run_dir / "metrics.jsonl")
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Preempted):
         status = "KILLED"
         raise
     finally:
+        stop.restore()
         if keys_file is not None:
             keys_file.close()
         console.close()

@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 # MLflow parameters: at most 100 per batch call, values at most 6000 characters (MLflow's limits).
 _PARAM_BATCH = 100
 _PARAM_MAX_LEN = 6000
+_METRIC_BATCH = 1000
 
 
 def default_tracking_uri(run_dir: Path) -> str:
@@ -34,19 +35,30 @@ def default_tracking_uri(run_dir: Path) -> str:
 class Tracker:
     """Metrics to ``metrics.jsonl`` and (on rank 0, when enabled) to an MLflow run.
 
+    Each step is recorded once. A resumed run recomputes the steps after its checkpoint; the records of
+    steps that ``metrics.jsonl`` already holds are not written again, here or to MLflow, and records that
+    reached ``metrics.jsonl`` but not MLflow (a kill in between, an MLflow outage) are sent when the run is
+    continued.
+
     Args:
         run_dir: the run folder; ``metrics.jsonl`` is appended there.
         uri: MLflow tracking URI ('' = the local sqlite store in ``run_dir``).
         experiment: MLflow experiment name.
-        enabled: log to MLflow at all (False on non-zero ranks and with ``tracking.enabled=false``).
+        enabled: log to MLflow at all (False with ``tracking.enabled=false``).
+        main: this process keeps the records (rank 0); on other ranks the tracker does nothing.
     """
 
-    def __init__(self, run_dir: Path, uri: str, experiment: str, enabled: bool = True) -> None:
+    def __init__(
+        self, run_dir: Path, uri: str, experiment: str, enabled: bool = True, main: bool = True
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.uri = uri or default_tracking_uri(self.run_dir)
         self.experiment = experiment
-        self.enabled = enabled
+        self.main = main
+        self.enabled = enabled and main
         self.run_id: str | None = None
+        self.last_step = 0
+        """The last step recorded in ``metrics.jsonl`` (read by :meth:`start`)."""
         self._client: Any = None
         self._jsonl = self.run_dir / "metrics.jsonl"
         self._warned = False
@@ -54,6 +66,8 @@ class Tracker:
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self, run_name: str, params: Mapping[str, Any], run_id: str | None = None) -> str | None:
         """Open (or, with ``run_id``, continue) the MLflow run and log ``params``; returns the run id."""
+        records = self._read_records() if self.main else []
+        self.last_step = max((int(r["step"]) for r in records), default=0)
         if not self.enabled:
             return None
         try:
@@ -66,13 +80,18 @@ class Tracker:
             else:
                 self.run_id = run_id
                 self._client.update_run(run_id, status="RUNNING")
+                self._send_missing(records)
         except Exception as e:  # any MLflow/backend failure must not stop training
             self._fail(f"could not start the MLflow run at {self.uri}: {e}")
         return self.run_id
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Append one record to ``metrics.jsonl`` and send it to MLflow (non-finite values are kept in
-        the JSONL as strings and not sent to MLflow, which rejects them)."""
+        the JSONL as strings and not sent to MLflow, which rejects them). A step already recorded (a
+        resumed run recomputing the steps after its checkpoint) is skipped."""
+        if not self.main or step <= self.last_step:
+            return
+        self.last_step = step
         record: dict[str, Any] = {"step": step, "time": time.time()}
         for k, v in metrics.items():
             record[k] = float(v) if math.isfinite(float(v)) else str(float(v))
@@ -80,12 +99,8 @@ class Tracker:
             f.write(json.dumps(record) + "\n")
         if self._client is None or self.run_id is None:
             return
-        from mlflow.entities import Metric
-
-        ts = int(record["time"] * 1000)
-        batch = [Metric(k, float(v), ts, step) for k, v in metrics.items() if math.isfinite(float(v))]
         try:
-            self._client.log_batch(self.run_id, metrics=batch)
+            self._client.log_batch(self.run_id, metrics=self._metric_batch(record))
         except Exception as e:
             self._fail(f"could not log metrics to MLflow at {self.uri}: {e}")
 
@@ -108,6 +123,46 @@ class Tracker:
             self._fail(f"could not close the MLflow run at {self.uri}: {e}")
 
     # -- internals -------------------------------------------------------------------------------
+    def _read_records(self) -> list[dict[str, Any]]:
+        """The records of ``metrics.jsonl``; a last line cut short by a kill is dropped from the file."""
+        if not self._jsonl.is_file():
+            return []
+        lines = self._jsonl.read_text().splitlines()
+        records = []
+        for line in lines:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+        if len(records) < len(lines):
+            logger.warning(
+                "%s: dropping %d incomplete line(s) at its end", self._jsonl, len(lines) - len(records)
+            )
+            tmp = self._jsonl.with_name(f".{self._jsonl.name}.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+            tmp.replace(self._jsonl)
+        return records
+
+    @staticmethod
+    def _metric_batch(record: Mapping[str, Any]) -> list[Any]:
+        from mlflow.entities import Metric
+
+        ts, step = int(record["time"] * 1000), int(record["step"])
+        values = {k: v for k, v in record.items() if k not in ("step", "time") and isinstance(v, int | float)}
+        return [Metric(k, float(v), ts, step) for k, v in values.items() if math.isfinite(float(v))]
+
+    def _send_missing(self, records: list[dict[str, Any]]) -> None:
+        """Send the records whose step the MLflow run lacks (judged by the first metric of the last record)."""
+        if not records:
+            return
+        key = next(k for k in records[-1] if k not in ("step", "time"))
+        logged = {m.step for m in self._client.get_metric_history(self.run_id, key)}
+        missing = [m for r in records if int(r["step"]) not in logged for m in self._metric_batch(r)]
+        for i in range(0, len(missing), _METRIC_BATCH):
+            self._client.log_batch(self.run_id, metrics=missing[i : i + _METRIC_BATCH])
+        if missing:
+            logger.info("sent %d metric values from %s that MLflow did not have", len(missing), self._jsonl)
+
     def _make_client(self) -> Any:
         for name in ("alembic", "mlflow.store.db.utils"):
             logging.getLogger(name).setLevel(logging.WARNING)

@@ -1,0 +1,205 @@
+"""Exact resume and preemption, end to end: real runs of launch/pretrain.py are killed (SIGKILL) or preempted
+(SIGTERM/SIGUSR1) at some step, launched again on the same run folder, and must end with parameters bitwise
+identical to an uninterrupted run, one MLflow run and a metric history without gaps or duplicates."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from test_pretrain import REPO, TINY, _env, _free_port, _records
+
+pytestmark = pytest.mark.integration
+
+STEPS = 10
+EXIT_PREEMPTED = 75
+
+
+def _overrides(shards: Path, out: Path, name: str) -> list[str]:
+    return [
+        f"data.shards={shards}",
+        f"run.output_dir={out}",
+        f"run.name={name}",
+        f"train.max_steps={STEPS}",
+        "train.log_every=2",
+        "train.checkpoint_every=3",
+        "train.keep_checkpoints=2",
+        "data.num_workers=2",
+        "tracking.image_every=0",
+    ]
+
+
+def _start(nproc: int, overrides: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """Launch in a new session (its own process group, so the whole tree can be killed at once)."""
+    script = [str(REPO / "launch/pretrain.py"), "--config", str(TINY), *overrides]
+    if nproc == 1:
+        cmd = [sys.executable, *script]
+    else:
+        launcher = Path(sys.executable).with_name("deepspeed")
+        cmd = [str(launcher), "--num_gpus", str(nproc), "--master_port", str(_free_port()), *script]
+    with log.open("ab") as f:
+        return subprocess.Popen(
+            cmd, cwd=REPO, env=_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def _finish(proc: subprocess.Popen[bytes], log: Path, timeout: float = 600) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        pytest.fail(f"the run did not finish in {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def _run(nproc: int, overrides: list[str], log: Path) -> None:
+    rc = _finish(_start(nproc, overrides, log), log)
+    assert rc == 0, log.read_text()[-4000:]
+
+
+def _wait_until(
+    proc: subprocess.Popen[bytes], log: Path, ready: Callable[[], bool], timeout: float = 600
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            pytest.fail(
+                f"the run ended (status {proc.returncode}) before the kill point:\n{log.read_text()[-3000:]}"
+            )
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"no kill point within {timeout} s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.1)
+
+
+def _latest_step(run_dir: Path) -> int:
+    pointer = run_dir / "checkpoints/latest"
+    return int(pointer.read_text().removeprefix("step_")) if pointer.is_file() else 0
+
+
+def _logged_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    return [r["step"] for r in _records(run_dir)] if path.is_file() else []
+
+
+def _final_module(run_dir: Path) -> dict[str, torch.Tensor]:
+    # weights_only: the client state must stay plain data (no pickled objects in checkpoints).
+    state = torch.load(
+        run_dir / f"checkpoints/step_{STEPS:08d}/mp_rank_00_model_states.pt",
+        map_location="cpu",
+        weights_only=True,
+    )
+    return state["module"]
+
+
+def _assert_same_run(resumed: Path, reference: Path) -> None:
+    """Bitwise equal parameters and buffers, equal losses at every logged step, one MLflow run whose history
+    is exactly [2, 4, ..., STEPS]."""
+    a, b = _final_module(resumed), _final_module(reference)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+    steps = list(range(2, STEPS + 1, 2))
+    records, expected = _records(resumed), _records(reference)
+    assert [r["step"] for r in records] == steps
+    for r, e in zip(records, expected, strict=True):
+        assert {k: v for k, v in r.items() if k.startswith("loss/")} == {
+            k: v for k, v in e.items() if k.startswith("loss/")
+        }, r["step"]
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{resumed / 'mlflow.db'}")
+    (exp,) = [e for e in client.search_experiments() if e.name == "pcrl"]
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    for key in ("loss/total", "optim/lr"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == steps, key
+
+
+def test_resume_after_sigkill_one_process_is_bitwise_exact(sample_shards: Path, tmp_path: Path) -> None:
+    """One process, two loader workers: SIGKILL to the whole process tree after the step-6 checkpoint and the
+    step-6 log, then the step-6 checkpoint is truncated on disk. The relaunch must notice (checksums), warn
+    naming it, resume from step 3, recompute steps 4-6 without logging them twice, and end bitwise equal to
+    an uninterrupted run. Pins: a missing RNG/data-position/optimizer state, a loader that restarts its
+    workers at the wrong sample, duplicated or missing metric records, and resuming from a damaged file."""
+    reference, run_dir = tmp_path / "reference", tmp_path / "cut"
+    _run(1, _overrides(sample_shards, tmp_path, "reference"), tmp_path / "reference.log")
+
+    log = tmp_path / "cut.log"
+    proc = _start(1, _overrides(sample_shards, tmp_path, "cut"), log)
+    _wait_until(proc, log, lambda: _latest_step(run_dir) >= 6 and 6 in _logged_steps(run_dir))
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = _latest_step(run_dir)
+    assert killed_at < STEPS, "the run finished before it could be killed"
+    states = run_dir / f"checkpoints/step_{killed_at:08d}/mp_rank_00_model_states.pt"
+    with states.open("r+b") as f:
+        f.truncate(states.stat().st_size // 2)
+
+    _run(1, _overrides(sample_shards, tmp_path, "cut"), log)
+    out = log.read_text()
+    assert f"checkpoint {states.parent} is unusable: mp_rank_00_model_states.pt has" in out
+    assert f"resuming {run_dir} from step {killed_at - 3}" in out
+    _assert_same_run(run_dir, reference)
+    # Only the last train.keep_checkpoints=2 tags remain.
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == [
+        "step_00000009",
+        "step_00000010",
+    ]
+
+
+def _rank_process(launcher: subprocess.Popen[bytes], rank: int) -> int:
+    import psutil
+
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        cmdline = child.cmdline()
+        if any(a.endswith("pretrain.py") for a in cmdline) and f"--local_rank={rank}" in cmdline:
+            return child.pid
+    raise AssertionError(f"no rank {rank} process under the launcher")
+
+
+def test_preemption_then_sigkill_two_processes_is_bitwise_exact(sample_shards: Path, tmp_path: Path) -> None:
+    """Two ranks under the deepspeed launcher. SIGUSR1 to rank 1 alone (as Slurm's signal may reach one task
+    first): both ranks must agree, save a checkpoint at the next step boundary and exit 75. The relaunch is
+    then SIGKILLed after its next checkpoint, and the third launch must end bitwise equal to an
+    uninterrupted run, with one MLflow run and no gaps or duplicates in its history."""
+    reference, run_dir = tmp_path / "reference", tmp_path / "cut"
+    _run(2, _overrides(sample_shards, tmp_path, "reference"), tmp_path / "reference.log")
+
+    log = tmp_path / "cut.log"
+    proc = _start(2, _overrides(sample_shards, tmp_path, "cut"), log)
+    _wait_until(proc, log, lambda: 4 in _logged_steps(run_dir))
+    os.kill(_rank_process(proc, 1), signal.SIGUSR1)
+    assert _finish(proc, log) == EXIT_PREEMPTED, log.read_text()[-4000:]
+    preempted_at = _latest_step(run_dir)
+    # Saved at the boundary after the signal, off the every-3-steps schedule.
+    assert preempted_at in (4, 5), preempted_at
+    message = f"preempted: a signal on another rank received; saved a checkpoint at step {preempted_at}"
+    assert message in log.read_text()
+
+    proc = _start(2, _overrides(sample_shards, tmp_path, "cut"), log)
+    _wait_until(proc, log, lambda: _latest_step(run_dir) > preempted_at)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert _latest_step(run_dir) < STEPS, "the run finished before it could be killed"
+
+    _run(2, _overrides(sample_shards, tmp_path, "cut"), log)
+    _assert_same_run(run_dir, reference)
+    # Every rank's own state is in the checkpoint (DeepSpeed writes rank 0's client state alone).
+    state = torch.load(
+        run_dir / f"checkpoints/step_{STEPS:08d}/mp_rank_00_model_states.pt",
+        map_location="cpu",
+        weights_only=True,
+    )
+    assert [r["data"]["rank"] for r in state["ranks"]] == [0, 1]
+    assert state["ranks"][0]["generator"].tolist() != state["ranks"][1]["generator"].tolist()
+    assert json.loads((run_dir / "checkpoints/step_00000010/manifest.json").read_text())["files"]
