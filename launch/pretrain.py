@@ -10,8 +10,9 @@ exactly: a run killed at any step and launched again ends as if it had never sto
 SIGTERM or SIGUSR1 (what Slurm sends before a time limit or a preemption) to any training process makes
 every rank save a checkpoint at the next step boundary and exit with status 75; launching the same command
 again continues from there (launch/slurm/pretrain.sbatch requeues the job on 75). Under the ``deepspeed``
-launcher, signal the training processes themselves (or the whole process group): the launcher does not
-pass SIGUSR1 on, and it reports 1 when it was signalled itself.
+launcher, signal the training processes themselves or the whole process group, not the launcher: its
+``deepspeed`` process dies of a signal and leaves the training running, and its per-node process passes
+SIGTERM on (then exits 1, whatever the training's status) but dies of SIGUSR1 and reports 0.
 
 Exit status: 0 done, 2 bad config or command line, 3 non-finite loss, 75 preempted (checkpoint saved,
 relaunch to continue).
