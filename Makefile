@@ -12,6 +12,10 @@ export PCRL_CACHE := $(abspath $(CACHE))
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(CACHE))/torch_extensions
 export OMP_WAIT_POLICY ?= PASSIVE
 export PYTHONUNBUFFERED := 1
+# MLflow and Ray send usage reports by default; pcrl's commands never do.
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export DO_NOT_TRACK ?= true
+export RAY_USAGE_STATS_ENABLED ?= 0
 
 DEMO_SHARDS := $(CACHE)/demo/shards
 DEMO_RUN := demo-$(shell date +%Y%m%d-%H%M%S)

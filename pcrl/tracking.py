@@ -11,6 +11,7 @@ import datetime as _dt
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Mapping
@@ -20,6 +21,10 @@ from typing import Any
 __all__ = ["ConsoleProgress", "Tracker", "default_tracking_uri", "format_duration"]
 
 logger = logging.getLogger(__name__)
+
+# MLflow 3 reports usage to its vendor by default. Hospital networks and clusters must not phone home
+# unasked: off unless the user sets the variable themselves.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 # MLflow parameters: at most 100 per batch call, values at most 6000 characters (MLflow's limits).
 _PARAM_BATCH = 100

@@ -13,6 +13,11 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
+# No usage reports from the services the tests start (MLflow, Ray): the tests talk to loopback only.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
 
 def samples_dir() -> Path:
     """``$PCRL_CACHE/samples`` (the Makefile sets it), else ``<repo>/.cache/samples``."""
