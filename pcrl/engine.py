@@ -47,6 +47,7 @@ __all__ = [
     "Preempted",
     "build_optimizer",
     "configure_logging",
+    "flops_per_sample",
     "lr_schedule",
     "train",
     "train_step",
@@ -200,6 +201,31 @@ def _trim_jsonl(path: Path, last_step: int) -> None:
         path.write_text("".join(kept))
 
 
+def flops_per_sample(cfg: PretrainConfig) -> float:
+    """FLOPs of one sample's forward and backward through the full objective, counted by torch's
+    FlopCounterMode on meta tensors (no memory, no arithmetic). Model FLOPs in the MFU sense: activation
+    checkpointing's recomputation is not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pcrl.model import PCRLv2UNet
+    from pcrl.objective import PCRLv2Objective, PCRLv2Task
+
+    b = cfg.train.micro_batch_size
+    with torch.device("meta"):
+        model = PCRLv2UNet(
+            in_channels=1, base_channels=cfg.model.base_channels, depth=cfg.model.depth, norm=cfg.model.norm
+        )
+        task = PCRLv2Task(model, PCRLv2Objective.from_config(cfg.objective))
+        global_views = torch.empty(b, 2, 1, *cfg.views.global_size)
+        local_views = torch.empty(b, cfg.views.num_locals, 1, *cfg.views.local_size)
+    with FlopCounterMode(display=False) as counter:
+        out = task(
+            global_views, global_views, local_views, beta=1.0, generator=torch.Generator().manual_seed(0)
+        )
+        out["loss"].backward()
+    return counter.get_total_flops() / b
+
+
 def _peak_memory_gib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
@@ -336,10 +362,12 @@ def train(cfg: PretrainConfig, reporter: Reporter | None = None) -> dict[str, fl
     if distributed.is_main():
         tracker.log_artifact(run_dir / "config.yaml")
     console = ConsoleProgress(cfg.train.max_steps, start_step, enabled=distributed.is_main())
+    flops = flops_per_sample(cfg)
     if distributed.is_main():
         n_params = sum(p.numel() for p in model.parameters())
         logger.info(
-            "run %s: %d process(es), %s, %.2f M parameters, micro-batch %d × accum %d × %d ranks = %d samples/step",
+            "run %s: %d process(es), %s, %.2f M parameters, micro-batch %d × accum %d × %d ranks = %d samples/step, "
+            "%.3g GFLOP per sample (forward + backward)",
             run_dir,
             world,
             cfg.engine.precision,
@@ -348,6 +376,7 @@ def train(cfg: PretrainConfig, reporter: Reporter | None = None) -> dict[str, fl
             cfg.train.grad_accum_steps,
             world,
             ds_config["train_batch_size"],
+            flops / 1e9,
         )
 
     # -- train -----------------------------------------------------------------------------------
@@ -388,11 +417,14 @@ def train(cfg: PretrainConfig, reporter: Reporter | None = None) -> dict[str, fl
                     f"loss/{'total' if k == 'loss' else k}": distributed.all_reduce_mean(v / window_steps)
                     for k, v in sums.items()
                 }
+                samples_per_s = samples_per_step * window_steps / elapsed
                 metrics.update(
                     {
                         "optim/lr": lr,
                         "schedule/beta": beta,
-                        "perf/samples_per_s": samples_per_step * window_steps / elapsed,
+                        "perf/samples_per_s": samples_per_s,
+                        # Per device, the figure to hold against a device's peak (MFU).
+                        "perf/tflops_per_device": flops * samples_per_s / world / 1e12,
                         "perf/data_wait_frac": window_wait / elapsed,
                         "perf/step_time_s": elapsed / window_steps,
                         "memory/peak_gib": _peak_memory_gib(),

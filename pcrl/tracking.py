@@ -256,8 +256,12 @@ class ConsoleProgress:
             parts.append(f"β {metrics['schedule/beta']:.3f}")
         if "perf/samples_per_s" in metrics:
             parts.append(f"{metrics['perf/samples_per_s']:.2f} samples/s")
+        if "perf/tflops_per_device" in metrics:
+            parts.append(f"{metrics['perf/tflops_per_device']:.3g} TFLOP/s per device")
         if "perf/data_wait_frac" in metrics:
             parts.append(f"data wait {100 * metrics['perf/data_wait_frac']:.0f}%")
+        if "memory/peak_gib" in metrics:
+            parts.append(f"peak {metrics['memory/peak_gib']:.2f} GiB")
         parts.append(f"eta {format_duration(self.eta(step))}")
         return " | ".join(parts)
 

@@ -86,7 +86,15 @@ def test_pretrain_one_process_logs_checkpoints_and_resumes(sample_shards: Path, 
     assert run.data.params["views.global_size"] == "[32, 32, 16]"
     history = client.get_metric_history(run.info.run_id, "loss/total")
     assert [m.step for m in history] == [2, 4]
-    assert {"optim/lr", "schedule/beta", "perf/samples_per_s", "perf/data_wait_frac"} <= set(run.data.metrics)
+    assert {
+        "optim/lr",
+        "schedule/beta",
+        "perf/samples_per_s",
+        "perf/tflops_per_device",
+        "perf/data_wait_frac",
+        "memory/peak_gib",
+    } <= set(run.data.metrics)
+    assert run.data.metrics["perf/tflops_per_device"] > 0
     assert "config.yaml" in [a.path for a in client.list_artifacts(run.info.run_id)]
 
     # Launch again, longer: it continues from step 4 into the same MLflow run.
@@ -96,6 +104,30 @@ def test_pretrain_one_process_logs_checkpoints_and_resumes(sample_shards: Path, 
     assert [r["step"] for r in _records(run_dir)] == [2, 4, 6]
     (run,) = client.search_runs([exp.experiment_id])
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss/total")] == [2, 4, 6]
+
+
+def test_flops_per_sample_counts_the_real_step_without_running_it() -> None:
+    """The FLOP figure behind perf/tflops_per_device, counted on meta tensors, equals what torch counts for a
+    real forward and backward of the same objective on CPU (a wrong shape or a missed term would skew every
+    reported TFLOP/s and MFU)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pcrl.config import load_config
+    from pcrl.engine import flops_per_sample
+    from pcrl.model import PCRLv2UNet
+    from pcrl.objective import PCRLv2Objective, PCRLv2Task
+
+    cfg = load_config(TINY, ["train.micro_batch_size=3", "objective.restore_views=[1, 2]"])
+    b, v = cfg.train.micro_batch_size, cfg.views
+    model = PCRLv2UNet(base_channels=cfg.model.base_channels, depth=cfg.model.depth, norm=cfg.model.norm)
+    task = PCRLv2Task(model, PCRLv2Objective.from_config(cfg.objective))
+    views = torch.rand(b, 2, 1, *v.global_size)
+    with FlopCounterMode(display=False) as counter:
+        out = task(views, views, torch.rand(b, v.num_locals, 1, *v.local_size), beta=1.0,
+                   generator=torch.Generator().manual_seed(0))  # fmt: skip
+        out["loss"].backward()
+    assert flops_per_sample(cfg) == counter.get_total_flops() / b > 1e9
 
 
 def test_pretrain_two_processes_see_disjoint_volumes(sample_shards: Path, tmp_path: Path) -> None:
