@@ -4,6 +4,8 @@
 # the torch view renderer on the GPU. With SHARDS=<folder made by data_prep.shard> and DeepSpeed installed,
 # it also runs the real engine (launch/pretrain.py, base.yaml, bf16 + channels-last, loader workers on the
 # CPU) and reports its samples/s and data-wait fraction. Results go to $OUT (default /tmp/pcrl-gpu-check).
+# The whole check stays within BUDGET_S seconds (default 450, under the 8 minutes a lent GPU allows):
+# each part gets its own limit, cut to what is left.
 #   bash bench/gpu_check.sh
 #   SHARDS=/data/shards bash bench/gpu_check.sh
 set -uo pipefail
@@ -13,13 +15,17 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 # H100 SXM dense bf16 peak (TFLOP/s) for MFU; override for other cards.
 PEAK=${PEAK_TFLOPS:-989}
+DEADLINE=$((SECONDS + ${BUDGET_S:-450}))
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
 
 run() {  # name, timeout, command...
   local name=$1 limit=$2; shift 2
-  echo "== $name"
+  local left=$((DEADLINE - SECONDS))
+  if [ "$left" -lt 20 ]; then echo "== $name skipped: the time budget is spent"; return; fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "== $name (limit ${limit} s)"
   timeout "$limit" "$@" > "$OUT/$name.json" 2> "$OUT/$name.err" || echo "   $name failed (rc $?), see $name.err"
   $PY - "$OUT/$name.json" <<'PYEOF' 2>/dev/null || true
 import json, sys
@@ -57,7 +63,8 @@ print(json.dumps({"views_ms_per_sample": dt * 1e3, "samples_per_s": 1 / dt, "not
 PYEOF
 if [ -n "${SHARDS:-}" ] && $PY -c "import deepspeed" 2>/dev/null; then
   echo "== engine (launch/pretrain.py, base.yaml, bf16 + channels-last, micro-batch 16)"
-  timeout 300 $PY launch/pretrain.py --config configs/pretrain/base.yaml data.shards="$SHARDS" \
+  left=$((DEADLINE - SECONDS)); [ "$left" -lt 300 ] || left=300
+  timeout "$left" $PY launch/pretrain.py --config configs/pretrain/base.yaml data.shards="$SHARDS" \
     run.output_dir="$OUT/runs" run.name=engine train.max_steps=60 train.log_every=10 \
     train.micro_batch_size=16 data.num_workers="${WORKERS:-12}" engine.channels_last=true \
     tracking.enabled=false > "$OUT/engine.log" 2>&1 || echo "   engine failed (rc $?), see engine.log"
