@@ -47,6 +47,7 @@ __all__ = [
     "Preempted",
     "build_optimizer",
     "configure_logging",
+    "cpu_has_bf16",
     "flops_per_sample",
     "lr_schedule",
     "train",
@@ -134,7 +135,7 @@ def _check_runtime(cfg: PretrainConfig, world: int) -> None:
         )
     if cfg.engine.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("engine.precision: fp16 needs a GPU; use bf16 or fp32 on CPU")
-    if cfg.engine.precision == "bf16" and not torch.cuda.is_available() and not _cpu_has_bf16():
+    if cfg.engine.precision == "bf16" and not torch.cuda.is_available() and not cpu_has_bf16():
         # Without AVX512-BF16/AMX, torch runs bf16 3D convolutions on a reference kernel (measured ~40x
         # slower than fp32 on an AVX2-only EPYC): legal, but almost never what the user wants.
         logger.warning(
@@ -145,7 +146,7 @@ def _check_runtime(cfg: PretrainConfig, world: int) -> None:
         raise ConfigError("views.backend: the DALI renderer is not available yet; use views.backend=torch")
 
 
-def _cpu_has_bf16() -> bool:
+def cpu_has_bf16() -> bool:
     """True when the CPU advertises bf16 instructions (Linux /proc/cpuinfo; assumed elsewhere)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
@@ -252,7 +253,8 @@ def _infinite(loader: Any) -> Iterator[dict[str, Any]]:
 def train(cfg: PretrainConfig, reporter: Reporter | None = None) -> dict[str, float]:
     """Pretrain with PCRLv2 under DeepSpeed until ``cfg.train.max_steps``; returns the last logged metrics.
 
-    Launching again on the same run folder continues from its latest checkpoint.
+    Launching again on the same run folder continues from its latest checkpoint. While it runs, SIGTERM
+    and SIGUSR1 (in the main thread) request a checkpoint and a stop at the next step boundary.
 
     Args:
         cfg: the resolved configuration.
@@ -261,17 +263,23 @@ def train(cfg: PretrainConfig, reporter: Reporter | None = None) -> dict[str, fl
     Raises:
         NonFiniteLossError: the loss became NaN/inf (names the step).
         ConfigError: a setting cannot work here (checked before any work starts).
+        Preempted: a preemption signal arrived; the checkpoint of the step it names is saved.
     """
+    stop = _StopSignals()
+    stop.install()
+    try:
+        return _train(cfg, reporter, stop)
+    finally:
+        stop.restore()
+
+
+def _train(cfg: PretrainConfig, reporter: Reporter | None, stop: _StopSignals) -> dict[str, float]:
     import deepspeed
 
     from pcrl.data import build_loader
     from pcrl.model import PCRLv2UNet
     from pcrl.objective import PCRLv2Objective, PCRLv2Task, beta_schedule
     from pcrl.views import PCRLv2Views
-
-    # From here on a preemption signal is a request to save and stop at the next step boundary.
-    stop = _StopSignals()
-    stop.install()
 
     # -- init distributed ------------------------------------------------------------------------
     distributed.init_distributed(cfg.engine.dist_timeout_s)
@@ -476,7 +484,6 @@ def train(cfg: PretrainConfig, reporter: Reporter | None = None) -> dict[str, fl
         status = "KILLED"
         raise
     finally:
-        stop.restore()
         if keys_file is not None:
             keys_file.close()
         console.close()

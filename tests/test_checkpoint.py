@@ -1,5 +1,6 @@
-"""Checkpoint integrity and the metric record of resumed runs, without an engine: manifests, the choice of
-the tag to resume from, pruning, and the Tracker's once-per-step records (real MLflow, local sqlite)."""
+"""Checkpoint integrity, the metric record of resumed runs and the preemption flag, without an engine:
+manifests, the choice of the tag to resume from, pruning, the Tracker's once-per-step records (real MLflow,
+local sqlite) and the signal handlers."""
 
 from __future__ import annotations
 
@@ -111,3 +112,24 @@ def test_tracker_records_each_step_once_and_sends_what_mlflow_missed(tmp_path: P
     # Other ranks keep no records.
     Tracker(tmp_path, "", "exp", main=False).log_metrics({"loss/total": 1.0}, 10)
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_stop_signals_only_set_a_flag_and_are_restored() -> None:
+    """SIGTERM and SIGUSR1 (Slurm's time-limit and preemption signals) must not kill a training process: they
+    set the flag the loop checks at each step boundary, and the previous handlers come back afterwards."""
+    import os
+    import signal
+
+    from pcrl.engine import _StopSignals
+
+    before = signal.getsignal(signal.SIGTERM)
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        stop = _StopSignals()
+        stop.install()
+        try:
+            assert stop.received is None
+            os.kill(os.getpid(), sig)
+            assert stop.received == sig.name
+        finally:
+            stop.restore()
+    assert signal.getsignal(signal.SIGTERM) is before
