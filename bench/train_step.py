@@ -5,6 +5,10 @@ the ratio to the baseline.
     python bench/train_step.py                       # CPU, tiny-ish widths, 2 threads
     python bench/train_step.py --device cuda --batch 16 --base-channels 32 --global-size 64 64 32 --json
 
+Without ``--variants`` a CPU run compares the settings that can win on this CPU: the bf16 ones where it
+has bf16 instructions (AVX512-BF16/AMX: oneDNN's fast bf16 convolutions want channels-last), else fp32
+with channels-last and torch.compile (bf16 then runs on a slow reference kernel, tens of times slower).
+
 The optimizer step (SGD, as the paper) is included; the views are fixed random tensors, so this measures
 the model + objective + update, not the data path (bench/views.py covers that).
 """
@@ -22,12 +26,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pcrl.engine import cpu_has_bf16
 from pcrl.model import PCRLv2UNet
 from pcrl.objective import PCRLv2Objective, PCRLv2Task
 
 VARIANTS = {
     # name: (autocast dtype or None, channels_last_3d, torch.compile)
     "fp32": (None, False, False),
+    "fp32-cl": (None, True, False),
+    "fp32-compile": (None, False, True),
     "bf16": (torch.bfloat16, False, False),
     "bf16-cl": (torch.bfloat16, True, False),
     "bf16-cl-compile": (torch.bfloat16, True, True),
@@ -121,13 +128,18 @@ def main() -> int:
     p.add_argument("--global-size", type=int, nargs=3, default=[64, 64, 32])
     p.add_argument("--local-size", type=int, nargs=3, default=[16, 16, 16])
     p.add_argument("--locals", type=int, default=6)
-    p.add_argument("--variants", nargs="+", default=["fp32", "bf16", "bf16-cl"], choices=sorted(VARIANTS))
+    p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), help="the first is the baseline")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="device bf16 peak, to report MFU")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.variants is None:
+        if device.type == "cuda" or cpu_has_bf16():
+            args.variants = ["fp32", "bf16", "bf16-cl", "bf16-cl-compile"]
+        else:
+            args.variants = ["fp32", "fp32-cl", "fp32-compile"]
 
     flops = count_flops(args, device)
     results = {}
