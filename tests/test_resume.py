@@ -60,8 +60,9 @@ def _finish(proc: subprocess.Popen[bytes], log: Path, timeout: float = 600) -> i
         pytest.fail(f"the run did not finish in {timeout} s:\n{log.read_text()[-3000:]}")
 
 
-def _run(nproc: int, overrides: list[str], log: Path) -> None:
-    rc = _finish(_start(nproc, overrides, log), log)
+def _run(nproc: int, overrides: list[str], log: Path, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Run to the end (or wait for ``proc``, already started with these arguments); it must succeed."""
+    rc = _finish(proc or _start(nproc, overrides, log), log)
     assert rc == 0, log.read_text()[-4000:]
 
 
@@ -132,7 +133,9 @@ def test_resume_after_sigkill_one_process_is_bitwise_exact(sample_shards: Path, 
     an uninterrupted run. Pins: a missing RNG/data-position/optimizer state, a loader that restarts its
     workers at the wrong sample, duplicated or missing metric records, and resuming from a damaged file."""
     reference, run_dir = tmp_path / "reference", tmp_path / "cut"
-    _run(1, _overrides(sample_shards, tmp_path, "reference"), tmp_path / "reference.log")
+    # The uninterrupted run goes alongside (same thread counts, so the same arithmetic): less wall time.
+    ref_args = (1, _overrides(sample_shards, tmp_path, "reference"), tmp_path / "reference.log")
+    ref = _start(*ref_args)
 
     log = tmp_path / "cut.log"
     proc = _start(1, _overrides(sample_shards, tmp_path, "cut"), log)
@@ -146,6 +149,7 @@ def test_resume_after_sigkill_one_process_is_bitwise_exact(sample_shards: Path, 
         f.truncate(states.stat().st_size // 2)
 
     _run(1, _overrides(sample_shards, tmp_path, "cut"), log)
+    _run(*ref_args, proc=ref)
     out = log.read_text()
     assert f"checkpoint {states.parent} is unusable: mp_rank_00_model_states.pt has" in out
     assert f"resuming {run_dir} from step {killed_at - 3}" in out
@@ -173,6 +177,7 @@ def test_preemption_then_sigkill_two_processes_is_bitwise_exact(sample_shards: P
     then SIGKILLed after its next checkpoint, and the third launch must end bitwise equal to an
     uninterrupted run, with one MLflow run and no gaps or duplicates in its history."""
     reference, run_dir = tmp_path / "reference", tmp_path / "cut"
+    # Not alongside, as in the one-process test: four processes on two cores were slower than in turn.
     _run(2, _overrides(sample_shards, tmp_path, "reference"), tmp_path / "reference.log")
 
     log = tmp_path / "cut.log"
