@@ -70,5 +70,17 @@ if [ -n "${SHARDS:-}" ] && $PY -c "import deepspeed" 2>/dev/null; then
     tracking.enabled=false > "$OUT/engine.log" 2>&1 || echo "   engine failed (rc $?), see engine.log"
   grep -E "^step|error|Error" "$OUT/engine.log" | tail -8
   cp "$OUT/runs/engine/metrics.jsonl" "$OUT/engine_metrics.jsonl" 2>/dev/null || true
+  # fp16 through DeepSpeed's dynamic loss scaling (CPU runs refuse fp16): the logged optim/loss_scale and
+  # optim/skipped_steps show the scaler backing off on overflow and then holding.
+  left=$((DEADLINE - SECONDS)); [ "$left" -lt 120 ] || left=120
+  if [ "$left" -ge 40 ]; then
+    echo "== engine fp16 (DeepSpeed loss scaling, micro-batch 8, 40 steps)"
+    timeout "$left" $PY launch/pretrain.py --config configs/pretrain/base.yaml data.shards="$SHARDS" \
+      run.output_dir="$OUT/runs" run.name=engine-fp16 train.max_steps=40 train.log_every=10 \
+      train.micro_batch_size=8 data.num_workers="${WORKERS:-12}" engine.precision=fp16 \
+      tracking.enabled=false > "$OUT/engine_fp16.log" 2>&1 || echo "   engine fp16 failed (rc $?), see engine_fp16.log"
+    grep -E "^step|error|Error" "$OUT/engine_fp16.log" | tail -5
+    cp "$OUT/runs/engine-fp16/metrics.jsonl" "$OUT/engine_fp16_metrics.jsonl" 2>/dev/null || true
+  fi
 fi
 echo "results in $OUT"

@@ -245,6 +245,19 @@ def _last_record(path: Path) -> dict[str, float]:
     return {k: v for k, v in record.items() if k not in ("step", "time") and isinstance(v, int | float)}
 
 
+def _loss_scale_metrics(engine: Any) -> dict[str, float]:
+    """fp16 only: DeepSpeed's dynamic loss scale and the steps it skipped on overflow, so a run whose scale
+    collapses (steps silently skipped) shows it in MLflow."""
+    opt = engine.optimizer
+    scale = getattr(opt, "cur_scale", None)
+    if scale is None:
+        scale = getattr(opt, "loss_scale", None)
+    out = {"optim/skipped_steps": float(getattr(engine, "skipped_steps", 0))}
+    if scale is not None:
+        out["optim/loss_scale"] = float(scale)
+    return out
+
+
 def _infinite(loader: Any) -> Iterator[dict[str, Any]]:
     while True:
         yield from loader
@@ -438,6 +451,8 @@ def _train(cfg: PretrainConfig, reporter: Reporter | None, stop: _StopSignals) -
                         "memory/peak_gib": _peak_memory_gib(),
                     }
                 )
+                if cfg.engine.precision == "fp16":
+                    metrics.update(_loss_scale_metrics(engine))
                 if distributed.is_main():
                     tracker.log_metrics(metrics, step)
                     console.log(step, metrics)
