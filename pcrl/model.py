@@ -24,10 +24,12 @@ from torch.utils.checkpoint import checkpoint
 __all__ = [
     "NORMS",
     "LUConv",
+    "PCRLv2Encoder",
     "PCRLv2Output",
     "PCRLv2UNet",
     "ScaleFeatures",
     "ScaleHeads",
+    "encoder_stages",
 ]
 
 Norm = Literal["batch", "sync_batch", "group", "instance"]
@@ -153,6 +155,30 @@ class ScaleHeads(nn.Module):
         return torch.sigmoid(self.restore_norm(self.restore_conv(x)))
 
 
+def encoder_stages(in_channels: int, base_channels: int, depth: int, norm: Norm) -> nn.ModuleList:
+    """The U-Net's encoder: stage d is ``LUConv(c_in, base·2^d) → LUConv(base·2^d, 2·base·2^d)``.
+
+    One builder for :class:`PCRLv2UNet` (pretraining) and :class:`PCRLv2Encoder` (downstream), so their
+    ``encoder.*`` state-dict keys and shapes are the same by construction.
+    """
+    stages = []
+    cin = in_channels
+    for d in range(depth):
+        width = base_channels * 2**d
+        stages.append(nn.Sequential(LUConv(cin, width, norm), LUConv(width, 2 * width, norm)))
+        cin = 2 * width
+    return nn.ModuleList(stages)
+
+
+def _check_volume(x: Tensor, in_channels: int, depth: int) -> None:
+    factor = 2 ** (depth - 1)
+    if x.ndim != 5 or x.shape[1] != in_channels or any(s % factor for s in x.shape[2:]):
+        raise ValueError(
+            f"expected input (B, {in_channels}, X, Y, Z) with X, Y, Z divisible by {factor} "
+            f"(2^(depth-1)), got shape {tuple(x.shape)}"
+        )
+
+
 @contextlib.contextmanager
 def _frozen_buffers(module: nn.Module) -> Iterator[None]:
     # Checkpoint recomputation runs the stage's forward a second time in training mode, which would apply the
@@ -210,13 +236,7 @@ class PCRLv2UNet(nn.Module):
         self.norm = norm
         self.activation_checkpointing = False
 
-        encoder = []
-        cin = in_channels
-        for d in range(depth):
-            width = base_channels * 2**d
-            encoder.append(nn.Sequential(LUConv(cin, width, norm), LUConv(width, 2 * width, norm)))
-            cin = 2 * width
-        self.encoder = nn.ModuleList(encoder)
+        self.encoder = encoder_stages(in_channels, base_channels, depth, norm)
         self.pool = nn.MaxPool3d(2)
 
         stage_inputs = [2 * base_channels * 2**d for d in reversed(range(1, depth))]  # coarsest first
@@ -237,12 +257,7 @@ class PCRLv2UNet(nn.Module):
         self.activation_checkpointing = enabled
 
     def _check_input(self, x: Tensor) -> None:
-        factor = 2 ** (self.depth - 1)
-        if x.ndim != 5 or x.shape[1] != self.in_channels or any(s % factor for s in x.shape[2:]):
-            raise ValueError(
-                f"expected input (B, {self.in_channels}, X, Y, Z) with X, Y, Z divisible by {factor} "
-                f"(2^(depth-1)), got shape {tuple(x.shape)}"
-            )
+        _check_volume(x, self.in_channels, self.depth)
 
     def encoder_features(self, x: Tensor) -> list[Tensor]:
         """Per-stage encoder outputs (before pooling), for downstream skip-connected decoders.
@@ -321,3 +336,54 @@ class PCRLv2UNet(nn.Module):
             )
         reconstruction = torch.sigmoid(self.out_head(h))
         return PCRLv2Output(reconstruction, scale_features, scale_reconstructions)
+
+
+class PCRLv2Encoder(nn.Module):
+    """The transferable part of :class:`PCRLv2UNet`: its encoder stages alone, with the same state-dict keys
+    (``encoder.<d>.<i>.conv.weight`` ...), so a pretrained U-Net's ``encoder.*`` tensors load unchanged.
+
+    Args:
+        in_channels: input channels (1 for CT/MRI).
+        base_channels: width of the first convolution.
+        depth: encoder stages (``depth - 1`` poolings).
+        norm: ``batch``, ``sync_batch`` (built as BatchNorm3d), ``group`` or ``instance``.
+
+    Shapes:
+        (B, in_channels, X, Y, Z), sizes divisible by 2^(depth-1) -> ``depth`` feature maps; stage d is
+        (B, 2·base·2^d, X/2^d, Y/2^d, Z/2^d) (see :attr:`stage_channels`).
+    """
+
+    def __init__(
+        self, in_channels: int = 1, base_channels: int = 32, depth: int = 4, norm: Norm = "batch"
+    ) -> None:
+        super().__init__()
+        if in_channels < 1 or base_channels < 1 or depth < 1:
+            raise ValueError(
+                f"in_channels, base_channels and depth must be >= 1, got {in_channels}, {base_channels}, {depth}"
+            )
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        self.in_channels = in_channels
+        self.base_channels = base_channels
+        self.depth = depth
+        self.norm = norm
+        self.encoder = encoder_stages(in_channels, base_channels, depth, norm)
+        self.pool = nn.MaxPool3d(2)
+
+    @property
+    def stage_channels(self) -> tuple[int, ...]:
+        """Channels of each stage's output, finest first: (2·base, 4·base, ..., 2·base·2^(depth-1))."""
+        return tuple(2 * self.base_channels * 2**d for d in range(self.depth))
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """(B, in_channels, X, Y, Z) -> per-stage features, finest first (shapes in the class docstring)."""
+        _check_volume(x, self.in_channels, self.depth)
+        features = []
+        for d, stage in enumerate(self.encoder):
+            x = stage(x if d == 0 else self.pool(x))
+            features.append(x)
+        return features
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The bottleneck only: (B, 2·base·2^(depth-1), X/2^(depth-1), Y/2^(depth-1), Z/2^(depth-1))."""
+        return self(x)[-1]
