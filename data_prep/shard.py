@@ -60,6 +60,7 @@ from pcrl.data import (
     SPLITS,
     encode_volume,
 )
+from pcrl.io import write_atomic
 
 __all__ = [
     "ShardOptions",
@@ -590,12 +591,6 @@ class _BytesReader:
         return bytes(chunk)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 JOURNAL_NAME = "journal.jsonl"
 
 
@@ -659,7 +654,7 @@ def _prepare_output(output: Path, overwrite: bool, fingerprint: str = "") -> Res
             resume = Resume(entries)
             # Drop a line cut by the kill before appending to the journal again.
             header = json.dumps({"fingerprint": fingerprint, "format_version": FORMAT_VERSION})
-            _write_atomic(journal, "".join(json.dumps(e) + "\n" for e in [json.loads(header), *entries]))
+            write_atomic(journal, "".join(json.dumps(e) + "\n" for e in [json.loads(header), *entries]))
             missing = [s for s in resume.shards if not (output / s).exists()]
             if missing:
                 logger.warning("cannot resume: %s is gone; starting again", missing[0])
@@ -1000,9 +995,9 @@ def _run(
     summary.rejected = len(rejects) + len(found.rejects)
     rejects += [_reject_line(r) for r in found.rejects]
     rejects += [_reject_line(r, ignored=True) for r in found.ignored]
-    _write_atomic(output / REJECTS_NAME, "".join(r + "\n" for r in rejects))
-    _write_atomic(output / SUMMARY_NAME, json.dumps(summary.to_dict(), indent=2, sort_keys=True) + "\n")
-    _write_atomic(output / MANIFEST_NAME, "".join(m + "\n" for m in manifest))  # last: marks the set complete
+    write_atomic(output / REJECTS_NAME, "".join(r + "\n" for r in rejects))
+    write_atomic(output / SUMMARY_NAME, json.dumps(summary.to_dict(), indent=2, sort_keys=True) + "\n")
+    write_atomic(output / MANIFEST_NAME, "".join(m + "\n" for m in manifest))  # last: marks the set complete
     (output / JOURNAL_NAME).unlink()
     return summary
 

@@ -30,6 +30,7 @@ from typing import Any
 
 from pcrl import distributed
 from pcrl.config import ConfigError, PretrainConfig, save_config
+from pcrl.io import write_atomic
 
 __all__ = [
     "MANIFEST_NAME",
@@ -79,24 +80,6 @@ def _tags(ckpt_dir: Path) -> list[str]:
     )
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    _fsync_dir(path.parent)
-
-
 def _file_digest(path: Path, flush: bool = False) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -117,7 +100,7 @@ def _write_manifest(tag_dir: Path) -> None:
         str(p.relative_to(tag_dir)): {"size": p.stat().st_size, "sha256": _file_digest(p, flush=True)}
         for p in _files(tag_dir)
     }
-    _write_atomic(tag_dir / MANIFEST_NAME, json.dumps({"files": files}, indent=1, sort_keys=True))
+    write_atomic(tag_dir / MANIFEST_NAME, json.dumps({"files": files}, indent=1, sort_keys=True))
 
 
 def verify_checkpoint(tag_dir: Path) -> str | None:
@@ -183,7 +166,7 @@ def save_checkpoint(
     if distributed.is_main():
         save_config(cfg, tag_dir / "config.yaml")
         _write_manifest(tag_dir)
-        _write_atomic(ckpt_dir / "latest", tag)
+        write_atomic(ckpt_dir / "latest", tag)
         _prune(ckpt_dir, cfg.train.keep_checkpoints)
         logger.info("saved checkpoint %s", tag_dir)
     distributed.barrier()

@@ -695,8 +695,8 @@ def save_config(cfg: PretrainConfig, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically (temporary name, then rename)."""
     import yaml
 
+    from pcrl.io import write_atomic
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    write_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -25,6 +25,7 @@ __all__ = [
     "barrier",
     "broadcast_object",
     "deepspeed_config",
+    "free_port",
     "init_distributed",
     "is_main",
     "local_rank",
@@ -110,7 +111,8 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a rendezvous or a test server)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -129,7 +131,7 @@ def init_distributed(timeout_s: int = 600) -> str:
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if not _initialized():
         deepspeed.init_distributed(

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pcrl.io import atomic_path
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -366,9 +368,8 @@ class ReconstructionPanel:
         try:
             fig = self.figure(model, step)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            fig.savefig(tmp, format="png", dpi=_DPI, facecolor="white")
-            tmp.replace(path)
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, format="png", dpi=_DPI, facecolor="white")
         except Exception:
             logger.exception(
                 "could not draw the reconstruction panel at step %d; no more panels this run", step

@@ -6,24 +6,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from pcrl.distributed import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs/pretrain/tiny.yaml"
 TERMS = ("loss/total", "loss/restore", "loss/multiscale", "loss/global", "loss/local")
 
 pytestmark = pytest.mark.integration
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _env() -> dict[str, str]:
@@ -36,7 +31,7 @@ def _env() -> dict[str, str]:
 
 def _deepspeed(nproc: int, overrides: list[str], timeout: int = 600) -> subprocess.CompletedProcess[str]:
     launcher = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(launcher), "--num_gpus", str(nproc), "--master_port", str(_free_port())]
+    cmd = [str(launcher), "--num_gpus", str(nproc), "--master_port", str(free_port())]
     cmd += [str(REPO / "launch/pretrain.py"), "--config", str(TINY), *overrides]
     return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
 

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_pretrain import REPO, TINY, _env, _free_port, _records
+from test_pretrain import REPO, TINY, _env, _records
+
+from pcrl.distributed import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +46,7 @@ def _start(nproc: int, overrides: list[str], log: Path) -> subprocess.Popen[byte
         cmd = [sys.executable, *script]
     else:
         launcher = Path(sys.executable).with_name("deepspeed")
-        cmd = [str(launcher), "--num_gpus", str(nproc), "--master_port", str(_free_port()), *script]
+        cmd = [str(launcher), "--num_gpus", str(nproc), "--master_port", str(free_port()), *script]
     with log.open("ab") as f:
         return subprocess.Popen(
             cmd, cwd=REPO, env=_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True

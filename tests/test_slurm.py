@@ -21,7 +21,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_pretrain import REPO, TINY, _free_port, _records
+from test_pretrain import REPO, TINY, _records
+
+from pcrl.distributed import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -86,7 +88,7 @@ class SlurmCluster:
              f"--log-file={root / 'log' / 'munged.log'}"],
         )  # fmt: skip
         self._wait("munged socket", sock.exists)
-        ctld_port, *node_ports = (_free_port() for _ in range(1 + len(self.NODES)))
+        ctld_port, *node_ports = (free_port() for _ in range(1 + len(self.NODES)))
         host = socket.gethostname()
         nodes = "\n".join(
             f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={p} CPUs=2 State=UNKNOWN"

@@ -20,7 +20,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_pretrain import REPO, _deepspeed, _free_port
+from test_pretrain import REPO, _deepspeed
+
+from pcrl.distributed import free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Slow pages on a loaded 2-core machine (a concurrent DeepSpeed test) must not fail the test.
@@ -88,7 +90,7 @@ def tiny_run(sample_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 def ui_address(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``make ui RUN=<run>`` on a free port; yields the address it prints, stops the server's group after."""
     log = tmp_path_factory.mktemp("ui_server") / "make-ui.log"
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
     cmd = ["make", "--no-print-directory", "ui", f"RUN={tiny_run}", f"PORT={port}", f"VENV={sys.prefix}"]
     with log.open("w") as f:

@@ -1,0 +1,70 @@
+"""Atomic file writes: a file is either its old complete version or its new complete version, never half.
+
+The one implementation of "write to a temporary name beside the target, fsync, rename, fsync the folder"
+used by the config, checkpoints, tracking, figures and ``data_prep`` (which may import it: this module
+depends on nothing but the standard library). A write that fails (a full disk, an I/O error) removes its
+temporary file and leaves the previous version of the target untouched.
+
+Example::
+
+    write_atomic(run_dir / "checkpoints/latest", "step_00001000")
+    with atomic_path(run_dir / "images/recon.png") as tmp:
+        figure.savefig(tmp, format="png")
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["atomic_path", "fsync_dir", "write_atomic"]
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Flush a folder's entries (a rename is durable only once its folder is synced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str], durable: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; when the block ends without an error, it replaces ``path``.
+
+    The temporary name (``.<name>.<pid>.tmp``) ends in ``.tmp``, so cleaners of leftover ``*.tmp`` files
+    find it, and holds the pid, so two processes writing the same target never share one.
+
+    Args:
+        path: the target file.
+        durable: fsync the file and its folder, so that the new version survives a power loss.
+
+    Raises:
+        OSError: the write or the rename failed (``ENOSPC`` included); ``path`` is as it was.
+    """
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        if durable:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync_dir(target.parent)
+
+
+def write_atomic(path: str | os.PathLike[str], data: str | bytes, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` (text is written as UTF-8) atomically; see :func:`atomic_path`."""
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    with atomic_path(path, durable) as tmp, open(tmp, "wb") as f:
+        f.write(payload)
