@@ -24,6 +24,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "EngineConfig",
+    "EvalConfig",
     "LossWeights",
     "ModelConfig",
     "ObjectiveConfig",
@@ -428,6 +429,47 @@ class TrackingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Periodic validation on held-out volumes (``pcrl/evaluate.py``): the number a sweep optimises."""
+
+    every: int = 1000
+    """Evaluate every N steps and at the last step (0 = never)."""
+    split: str = "val"
+    """Held-out split of the manifest evaluated on (``train``, ``val``, ``test`` or ``all``); when it holds no
+    volume, the first volumes of ``data.split`` are used instead, with a warning (then nothing is held out)."""
+    volumes: int = 8
+    """At most this many volumes of ``eval.split`` (manifest order)."""
+    pairs_per_volume: int = 2
+    """Pairs of global views rendered per volume (each pair gives two restorations to score)."""
+    batch_size: int = 4
+    """Views per forward, >= 2 (BatchNorm runs on batch statistics, as in training)."""
+    seed: int = 0
+    """Seed of the evaluation views, separate from ``run.seed``, so every trial of a sweep sees the same
+    views and the numbers compare across steps and trials."""
+    metric: str = "val/psnr"
+    """The metric a sweep optimises (``val/psnr`` higher is better, ``val/mse`` lower is better)."""
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 0, "eval.every", f"must be >= 0, got {self.every}")
+        _check(
+            self.split in ("train", "val", "test", "all"),
+            "eval.split",
+            f"must be train, val, test or all, got {self.split!r}",
+        )
+        _check(self.volumes >= 1, "eval.volumes", f"must be >= 1, got {self.volumes}")
+        _check(
+            self.pairs_per_volume >= 1, "eval.pairs_per_volume", f"must be >= 1, got {self.pairs_per_volume}"
+        )
+        _check(
+            self.batch_size >= 2,
+            "eval.batch_size",
+            f"must be >= 2: BatchNorm runs on batch statistics (got {self.batch_size})",
+        )
+        _check(self.seed >= 0, "eval.seed", f"must be >= 0, got {self.seed}")
+        _check(bool(self.metric), "eval.metric", "must name a metric, e.g. val/psnr")
+
+
+@dataclass
 class PretrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -438,6 +480,7 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         # The U-Net pools depth-1 times, so view sizes must divide by 2^(depth-1); crop boxes need not.

@@ -290,6 +290,7 @@ def _train(cfg: PretrainConfig, reporter: Reporter | None, stop: _StopSignals) -
     import deepspeed
 
     from pcrl.data import build_loader
+    from pcrl.evaluate import Evaluation
     from pcrl.model import PCRLv2UNet
     from pcrl.objective import PCRLv2Objective, PCRLv2Task, beta_schedule
     from pcrl.views import PCRLv2Views
@@ -372,6 +373,10 @@ def _train(cfg: PretrainConfig, reporter: Reporter | None, stop: _StopSignals) -
         from pcrl.figures import ReconstructionPanel
 
         panel = ReconstructionPanel.from_config(cfg, engine.device)
+    # Every rank builds it (rank 0 renders the held-out views); at an evaluation step every rank calls it.
+    evaluation = Evaluation([], 0, cfg.train.max_steps)
+    if start_step < cfg.train.max_steps:
+        evaluation = Evaluation.from_config(cfg, engine.device)
     tracker = Tracker(
         run_dir,
         cfg.tracking.uri,
@@ -432,7 +437,9 @@ def _train(cfg: PretrainConfig, reporter: Reporter | None, stop: _StopSignals) -
             window_steps += 1
             console.update(step)
 
-            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            evaluate = evaluation.due(step)
+            # An evaluation step is also a log step: the tracker records each step once, in one record.
+            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps or evaluate:
                 elapsed = time.perf_counter() - window_t0
                 metrics = {
                     f"loss/{'total' if k == 'loss' else k}": distributed.all_reduce_mean(v / window_steps)
@@ -453,6 +460,9 @@ def _train(cfg: PretrainConfig, reporter: Reporter | None, stop: _StopSignals) -
                 )
                 if cfg.engine.precision == "fp16":
                     metrics.update(_loss_scale_metrics(engine))
+                if evaluate:
+                    # After the window's timing, so evaluation does not count against throughput.
+                    metrics.update(evaluation.run(engine.module.model))
                 if distributed.is_main():
                     tracker.log_metrics(metrics, step)
                     console.log(step, metrics)
