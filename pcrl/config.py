@@ -18,7 +18,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = [
     "ConfigError",
@@ -30,6 +30,7 @@ __all__ = [
     "ObjectiveConfig",
     "OptimConfig",
     "PretrainConfig",
+    "ProbeConfig",
     "RunConfig",
     "TrackingConfig",
     "TrainConfig",
@@ -38,6 +39,7 @@ __all__ = [
     "config_to_dict",
     "flatten_config",
     "load_config",
+    "load_schema",
     "save_config",
 ]
 
@@ -470,6 +472,35 @@ class EvalConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """The online linear probe (``pcrl/probe.py``), run with the evaluation every ``eval.every`` steps."""
+
+    cases: str = ""
+    """Folder of labelled cases made by ``python -m data_prep.labelled`` (empty = no probe)."""
+    names: list[str] = field(default_factory=list)
+    """Cases to use, at least two (empty = all cases in the folder)."""
+    patch_size: tuple[int, int, int] = (32, 32, 16)
+    """Patch size (x, y, z) in voxels; divisible by 2^(model.depth-1)."""
+    per_class: int = 16
+    """Lesion patches and background patches per case."""
+    regularization: float = 1.0
+    """Inverse L2 strength of the logistic regression (scikit-learn's ``C``)."""
+    seed: int = 0
+    """Seed of the patch positions and the solver, separate from ``run.seed`` so runs compare."""
+
+    def __post_init__(self) -> None:
+        _check_size(self.patch_size, "probe.patch_size")
+        _check(self.per_class >= 2, "probe.per_class", f"must be >= 2, got {self.per_class}")
+        _check(self.regularization > 0, "probe.regularization", f"must be > 0, got {self.regularization}")
+        _check(self.seed >= 0, "probe.seed", f"must be >= 0, got {self.seed}")
+        _check(
+            len(self.names) != 1,
+            "probe.names",
+            "needs at least two cases (leave-one-case-out), or [] for all",
+        )
+
+
+@dataclass
 class PretrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -481,6 +512,7 @@ class PretrainConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     def __post_init__(self) -> None:
         # The U-Net pools depth-1 times, so view sizes must divide by 2^(depth-1); crop boxes need not.
@@ -676,6 +708,21 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         ConfigError: a key is unknown, a value has the wrong type or is invalid (names the dotted key).
         FileNotFoundError: ``path`` does not exist.
     """
+    return load_schema(PretrainConfig, path, overrides)
+
+
+_Schema = TypeVar("_Schema")
+
+
+def load_schema(
+    schema: type[_Schema], path: str | Path | None = None, overrides: Sequence[str] = ()
+) -> _Schema:
+    """:func:`load_config` for another dataclass tree (the fine-tuning config): same precedence and checks.
+
+    Raises:
+        ConfigError: a key is unknown, a value has the wrong type or is invalid (names the dotted key).
+        FileNotFoundError: ``path`` does not exist.
+    """
     import yaml
 
     tree: dict[str, Any] = {}
@@ -696,7 +743,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         tree = loaded
     tree = _deep_update(tree, parse_overrides(overrides))
     try:
-        return _merge_into(PretrainConfig, _from_yaml_keys(tree), "")
+        return _merge_into(schema, _from_yaml_keys(tree), "")  # type: ignore[no-any-return]
     except ConfigError as e:
         if path is not None:
             raise ConfigError(f"{e} (in {path} or the overrides)") from None

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from pcrl import distributed
 from pcrl.config import ConfigError
+from pcrl.probe import LinearProbe
 
 if TYPE_CHECKING:
     from pcrl.config import PretrainConfig
@@ -189,8 +190,9 @@ def eval_views(cfg: PretrainConfig) -> tuple[Tensor, Tensor, list[str]]:
     return torch.cat(inputs), torch.cat(targets), [r.key for r in records]  # type: ignore[arg-type]
 
 
-EVALUATORS: tuple[Any, ...] = (RestorationEval,)
-"""The evaluator classes every run uses (see the module docstring for adding one)."""
+EVALUATORS: tuple[Any, ...] = (RestorationEval, LinearProbe)
+"""The evaluator classes every run uses (see the module docstring for adding one). ``LinearProbe`` (the
+online linear probe, ``probe/accuracy`` and ``probe/auc``) is built only when ``probe.cases`` is set."""
 
 
 def metric_mode(name: str) -> str:
