@@ -58,3 +58,42 @@ def sample_shards(sample_volumes: dict[str, Path], tmp_path_factory: pytest.Temp
     images = [sample_volumes[n] for n in image_names(sample_volumes)]
     shard_volumes(images, out, shard_size_mb=4, workers=1, progress=False, overwrite=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def labelled_cases(sample_volumes: dict[str, Path]) -> Path:
+    """The pyradiomics images with their lesion masks as labelled cases (``python -m data_prep.labelled``),
+    cached beside the samples. Returns the folder (with ``cases.json``)."""
+    from data_prep.labelled import prepare_labelled
+
+    folder = samples_dir().parent / "labelled"
+    prepare_labelled(sample_volumes, folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_run(sample_shards: Path, labelled_cases: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real 2-step pretraining (``python launch/pretrain.py``, tiny config, one process) with a checkpoint
+    after each step and the online linear probe at step 2. Returns the run folder."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_WAIT_POLICY="PASSIVE")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    overrides = [
+        f"data.shards={sample_shards}", f"run.output_dir={out}", "run.name=tiny", "train.max_steps=2",
+        "train.checkpoint_every=1", "train.log_every=1", "data.num_workers=0", "tracking.image_every=0",
+        "eval.every=2", "eval.volumes=2", "eval.pairs_per_volume=1", f"probe.cases={labelled_cases}",
+        "probe.names=[lung1,brain2,breast1]", "probe.per_class=3",
+    ]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(REPO / "launch/pretrain.py"),
+        "--config",
+        str(REPO / "configs/pretrain/tiny.yaml"),
+    ]
+    proc = subprocess.run([*cmd, *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out / "tiny"
