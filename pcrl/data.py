@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import io
@@ -44,6 +45,7 @@ __all__ = [
     "MANIFEST_NAME",
     "META_SUFFIX",
     "SampleRecord",
+    "ViewLoader",
     "VolumeStream",
     "build_loader",
     "collate_views",
@@ -689,14 +691,23 @@ def _worker_init(worker_id: int) -> None:
 
 
 def build_loader(
-    cfg: PretrainConfig, transform: Transform, rank: int, world_size: int, start_batches: int = 0
-) -> torch.utils.data.DataLoader:
+    cfg: PretrainConfig,
+    transform: Transform,
+    rank: int,
+    world_size: int,
+    start_batches: int = 0,
+    device: torch.device | str | None = None,
+) -> torch.utils.data.DataLoader | ViewLoader:
     """The training loader of one rank: manifest → :class:`VolumeStream` → batches of views.
 
     Batches come from one worker each, round-robin, so the batch sequence is deterministic, and a loader
     built with ``start_batches=N`` continues exactly where one that has handed out N batches stands. The
     workers' own RNGs are seeded from ``(run.seed, rank)``; the views never draw from them (each sample has
     its own seed), and the training process's global RNG is left untouched.
+
+    With a :class:`pcrl.views.PCRLv2Views` (or ``pcrl.dali.DALIViews``) as ``transform``, whole batches are
+    rendered at once: in the workers on a CPU ``device`` (default), or in this process on a GPU or by DALI,
+    through a :class:`ViewLoader`. Other transforms render per sample in the workers.
 
     Raises:
         FileNotFoundError / ValueError: see :func:`read_manifest`; ValueError also when there are fewer
@@ -721,13 +732,48 @@ def build_loader(
     extra: dict[str, Any] = (
         {"prefetch_factor": cfg.data.prefetch_factor, "persistent_workers": True} if workers else {}
     )
-    return torch.utils.data.DataLoader(
+    collate: Callable[[Sequence[dict[str, Any]]], dict[str, Any]] = collate_views
+    render_here = False
+    from pcrl.views import PCRLv2Views, collate_draws
+
+    if isinstance(transform, PCRLv2Views):
+        # Workers decode, draw each sample's geometry and cut its regions; whole batches are rendered at once:
+        # by the torch renderer in the worker on a CPU, or here (a GPU, or DALI) from pinned, stacked regions.
+        device = torch.device(device if device is not None else "cpu")
+        stream.transform = transform.draw
+        render_here = device.type != "cpu" or type(transform) is not PCRLv2Views
+        collate = functools.partial(collate_draws, stack_regions=True) if render_here else transform.collate
+    loader = torch.utils.data.DataLoader(
         stream,
         batch_size=cfg.train.micro_batch_size,
         num_workers=workers,
-        collate_fn=collate_views,
+        collate_fn=collate,
         pin_memory=torch.cuda.is_available(),
         worker_init_fn=_worker_init if workers else None,
         generator=torch.Generator().manual_seed(_loader_seed(cfg.run.seed, rank)),
         **extra,
     )
+    return ViewLoader(loader, transform, device) if render_here else loader  # type: ignore[arg-type]
+
+
+class ViewLoader:
+    """Batches of draws from a DataLoader, rendered in this process by ``views`` on ``device``.
+
+    Iterating yields rendered batches (the dict of :meth:`pcrl.views.PCRLv2Views.render`); ``dataset`` is the
+    DataLoader's :class:`VolumeStream`, so positions and resume work as for a plain loader. The copy of the
+    next batch to the GPU is non-blocking from pinned memory and nothing here waits for the device.
+    """
+
+    def __init__(self, loader: torch.utils.data.DataLoader, views: Any, device: torch.device) -> None:
+        self.loader = loader
+        self.views = views
+        self.device = device
+
+    @property
+    def dataset(self) -> VolumeStream:
+        """The stream the batches come from."""
+        return self.loader.dataset  # type: ignore[return-value]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.loader:
+            yield self.views.render(batch, self.device)

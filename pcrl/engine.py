@@ -143,7 +143,12 @@ def _check_runtime(cfg: PretrainConfig, world: int) -> None:
             "fall back to a slow kernel; engine.precision=fp32 is much faster here"
         )
     if cfg.views.backend == "dali":
-        raise ConfigError("views.backend: the DALI renderer is not available yet; use views.backend=torch")
+        from pcrl.dali import dali_available
+
+        if not dali_available():
+            raise ConfigError(
+                "views.backend: dali needs NVIDIA DALI: pip install 'pcrl[dali]', or use views.backend=torch"
+            )
 
 
 def cpu_has_bf16() -> bool:
@@ -293,7 +298,7 @@ def _train(cfg: PretrainConfig, reporter: Reporter | None, stop: _StopSignals) -
     from pcrl.evaluate import Evaluation
     from pcrl.model import PCRLv2UNet
     from pcrl.objective import PCRLv2Objective, PCRLv2Task, beta_schedule
-    from pcrl.views import PCRLv2Views
+    from pcrl.views import build_renderer
 
     # -- init distributed ------------------------------------------------------------------------
     distributed.init_distributed(cfg.engine.dist_timeout_s)
@@ -309,10 +314,17 @@ def _train(cfg: PretrainConfig, reporter: Reporter | None, stop: _StopSignals) -
     start_step = 0 if resume_tag is None else checkpoint_step(resume_tag)
 
     # -- build data ------------------------------------------------------------------------------
-    views = PCRLv2Views(cfg.views)
+    # Views render where the model computes: on the GPU (torch or DALI) or in the CPU loader workers.
+    render_device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    views = build_renderer(cfg.views, render_device or "cpu", cfg.train.micro_batch_size)
     try:
         loader = build_loader(
-            cfg, views, rank=rank, world_size=world, start_batches=start_step * cfg.train.grad_accum_steps
+            cfg,
+            views,
+            rank=rank,
+            world_size=world,
+            start_batches=start_step * cfg.train.grad_accum_steps,
+            device=render_device,
         )
     except (FileNotFoundError, ValueError) as e:
         # A wrong path or too few volumes is a user mistake, reported before the run folder exists.

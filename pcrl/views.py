@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +33,10 @@ __all__ = [
     "Box",
     "PCRLv2Views",
     "SpatialParams",
+    "blur_window",
     "box_iou",
+    "build_renderer",
+    "collate_draws",
     "render_views",
     "sample_global_pair",
     "sample_local_boxes",
@@ -303,6 +307,12 @@ def view_affines(boxes: Sequence[Box], out_size: Sequence[int], params: SpatialP
 
 
 # --- rendering -----------------------------------------------------------------------------------
+#
+# Rendering is split in two so that the expensive part can run where it is cheapest: :meth:`PCRLv2Views.draw`
+# (per sample, on the CPU, in loader workers) draws every random number of a sample from its seed and cuts
+# the volume regions its views read; :func:`collate_draws` stacks a batch of draws; :meth:`PCRLv2Views.render`
+# renders a whole batch with one ``grid_sample`` per view size and batched intensity steps, on the CPU or the
+# GPU. ``PCRLv2Views(cfg)(volume, seed)`` does all three for one sample.
 
 
 def _sample_extent(affines: Tensor, out_size: Sequence[int]) -> tuple[Tensor, Tensor]:
@@ -314,17 +324,34 @@ def _sample_extent(affines: Tensor, out_size: Sequence[int]) -> tuple[Tensor, Te
     return centre - reach, centre + reach
 
 
+def _read_region(
+    affines: Tensor, out_size: Sequence[int], shape: Sequence[int]
+) -> tuple[list[int], list[int], list[bool]]:
+    """The integer box ``[lo, hi)`` of the volume that N views read, and per view whether it reaches outside.
+
+    The box holds every sample's 2 neighbours per axis (voxel centres sit at i + 0.5), plus one voxel against
+    rounding, so it touches the volume border only where samples really reach it.
+    """
+    p_min, p_max = _sample_extent(affines, out_size)
+    size = torch.tensor(list(shape))
+    lo = p_min.amin(0).sub(0.5).floor().long() - 1
+    hi = p_max.amax(0).sub(0.5).floor().long() + 3
+    outside = ((p_min < 0.5) | (p_max > size - 0.5)).any(1).tolist()
+    return lo.clamp(min=0).tolist(), torch.minimum(hi, size).tolist(), outside
+
+
 def _grid(
     affines: Tensor, out_size: Sequence[int], origin: Tensor, extent: Tensor, device: torch.device
 ) -> Tensor:
-    """``grid_sample`` grid (N, nx, ny, nz, 3) for an input region ``[origin, origin + extent)``.
+    """``grid_sample`` grid (N, nx, ny, nz, 3) for input regions ``[origin, origin + extent)``.
 
-    The same grid ``affine_grid`` would give for the equivalent theta (tested), built as a separable sum:
-    ``affine_grid`` costs ~6 ms per 64×64×32 view on one CPU thread, this ~0.5 ms. The last dim is
-    (z, y, x): grid_sample reads it as (W, H, D) of an input laid out (N, C, D=x, H=y, W=z).
+    ``origin`` and ``extent`` are (3,) or per view (N, 3). The same grid ``affine_grid`` would give for the
+    equivalent theta (tested), built as a separable sum: ``affine_grid`` costs ~6 ms per 64×64×32 view on one
+    CPU thread, this ~0.5 ms. The last dim is (z, y, x): grid_sample reads it as (W, H, D) of an input laid
+    out (N, C, D=x, H=y, W=z).
     """
     # normalised input coordinate (align_corners=False): 2 * (p - origin) / extent - 1
-    m = 2.0 * affines[..., :3] / extent[:, None]
+    m = 2.0 * affines[..., :3] / extent.unsqueeze(-1)
     t = 2.0 * (affines[..., 3] - origin) / extent - 1.0
     m, t = m.flip(1).to(device, torch.float32), t.flip(1).to(device, torch.float32)  # rows → (z, y, x)
     qx, qy, qz = (torch.arange(n, device=device, dtype=torch.float32) + 0.5 for n in out_size)
@@ -336,41 +363,81 @@ def _grid(
     return yz[:, None] + qx[None, :, None, None, None] * m[:, None, None, None, :, 0]
 
 
-def _render(
-    volume: Tensor,
-    region: tuple[list[int], list[int]],
-    affines: Tensor,
-    out_size: Sequence[int],
-    pad: Tensor | None,
-) -> Tensor:
-    """Resample N views of ``volume`` in one ``grid_sample`` call → (N, nx, ny, nz) float32.
+def _outside_fill(grid: Tensor, origin: Tensor, extent: Tensor, shape: Tensor, pad: Tensor) -> Tensor:
+    """``pad · (1 - coverage)`` per output voxel (N, nx, ny, nz): what turns zeros padding into ``pad`` padding.
 
-    ``region`` (lo, hi) is an integer box of the volume containing every sample's neighbours; samples
-    outside the volume (only possible where the region touches the volume border) take ``pad[n]`` (N,).
+    With zeros padding a sample is ``Σ_inside w·v``; sampling ``v - pad`` instead adds ``pad·(1 - Σ_inside w)``,
+    and ``Σ_inside w`` factorises per axis into ``clamp(min(i + 1, L - i), 0, 1)`` at voxel index ``i``.
+    ``origin`` (N, 3), ``extent`` (3,), ``shape`` (N, 3) volume sizes, ``pad`` (N,), all on the grid's device.
     """
-    lo, hi = region
-    sub = volume[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].to(torch.float32)
-    origin = torch.tensor(lo, dtype=torch.float64)
-    extent = torch.tensor(hi, dtype=torch.float64) - origin
-    grid = _grid(affines, out_size, origin, extent, volume.device)
-    n = len(affines)
-    # all views in one call: stack the grids along D rather than expanding the input to N copies
+    idx = (grid.flip(-1) + 1.0) * (extent / 2) - 0.5 + origin[:, None, None, None, :]
+    size = shape[:, None, None, None, :]
+    coverage = torch.minimum(idx + 1.0, size - idx).clamp_(0.0, 1.0).prod(-1)
+    return (1.0 - coverage).mul_(pad[:, None, None, None])
+
+
+def _resample(
+    regions: Tensor | Sequence[Tensor],
+    origins: Tensor,
+    shapes: Tensor,
+    affines: Tensor,
+    pads: Tensor | None,
+    out_size: Sequence[int],
+) -> Tensor:
+    """All views of a batch by trilinear ``grid_sample``: ONE call for a stacked batch (the GPU path), one call
+    per sample for a list of regions (the CPU path, where a call costs per output voxel and stacking regions
+    of different volumes would only add copies).
+
+    Args:
+        regions: (B, RX, RY, RZ) float32 crops of the B volumes zero-padded to a common size, or B crops.
+        origins: (B, 3) volume coordinate of each region's first voxel.
+        shapes: (B, 3) sizes of the volumes (samples beyond them take the view's pad value).
+        affines: (B, V, 3, 4) float64 output → volume coordinate maps (:func:`view_affines`).
+        pads: (B, V) value outside the volume per view (NaN for a view that stays inside), or None where no
+            view reaches outside.
+        out_size: (nx, ny, nz).
+
+    Returns:
+        (B, V, nx, ny, nz) float32 on the regions' device.
+    """
+    if not isinstance(regions, Tensor):
+        return torch.cat(
+            [
+                _resample(
+                    r[None].to(torch.float32),
+                    origins[i : i + 1],
+                    shapes[i : i + 1],
+                    affines[i : i + 1],
+                    None if pads is None else pads[i : i + 1],
+                    out_size,
+                )
+                for i, r in enumerate(regions)
+            ]
+        )
+    b, v = affines.shape[:2]
+    device = regions.device
+    extent = torch.tensor(regions.shape[1:], dtype=torch.float64)
+    origin = origins.to(torch.float64).repeat_interleave(v, 0)  # (B·V, 3)
+    grid = _grid(affines.reshape(b * v, 3, 4), out_size, origin, extent, device)
+    # all views of a sample in one grid: stack them along D rather than expanding the input to V copies
     out = F.grid_sample(
-        sub[None, None],
-        grid.reshape(1, n * out_size[0], *grid.shape[2:]),
+        regions[:, None],
+        grid.view(b, v * out_size[0], *grid.shape[2:]),
         mode="bilinear",
         padding_mode="zeros",
         align_corners=False,
-    )
-    out = out.view(n, *out_size)
-    if pad is not None:
-        # zeros padding means sample(v) = Σ_inside w·v; sampling (v - pad) instead adds pad·(1 - Σ_inside w),
-        # and Σ_inside w factorises per axis into clamp(min(i + 1, L - i), 0, 1) at voxel index i
-        idx = (grid.flip(-1) + 1.0) * extent.to(grid) / 2 - 0.5 + origin.to(grid)
-        size = torch.tensor(volume.shape, device=grid.device, dtype=grid.dtype)
-        coverage = torch.minimum(idx + 1.0, size - idx).clamp_(0.0, 1.0).prod(-1)
-        out = out + pad.to(out)[:, None, None, None] * (1.0 - coverage)
-    return out
+    ).view(b * v, *out_size)
+    if pads is not None:
+        rows = torch.nonzero(~torch.isnan(pads.reshape(-1).cpu()))[:, 0]  # only views that reach outside
+        fill = _outside_fill(
+            grid[rows.to(device)],
+            origin[rows].to(device, torch.float32),
+            extent.to(device, torch.float32),
+            shapes.repeat_interleave(v, 0)[rows].to(device, torch.float32),
+            pads.reshape(-1)[rows].to(device, torch.float32),
+        )
+        out.index_add_(0, rows.to(device), fill)
+    return out.view(b, v, *out_size)
 
 
 def render_views(
@@ -392,23 +459,31 @@ def render_views(
         (N, nx, ny, nz) float32 on the volume's device.
     """
     affines = view_affines(boxes, out_size, params)
-    p_min, p_max = _sample_extent(affines, out_size)
-    shape = torch.tensor(volume.shape)
-    # the region read by grid_sample: every sample's 2 neighbours per axis (voxel centres sit at i + 0.5),
-    # plus one voxel against rounding, so it touches the volume border only where samples really reach it
-    lo = p_min.amin(0).sub(0.5).floor().long() - 1
-    hi = p_max.amax(0).sub(0.5).floor().long() + 3
-    region = (lo.clamp(min=0).tolist(), torch.minimum(hi, shape).tolist())
-    outside = ((p_min < 0.5) | (p_max > shape - 0.5)).any(1).tolist()
-    pad = None
-    if any(outside):
-        pad = torch.stack(
-            [
-                volume[b.slices].amin() if o else volume.new_zeros(())
-                for b, o in zip(boxes, outside, strict=True)
-            ]
-        )
-    return _render(volume, region, affines, out_size, pad)
+    lo, hi, outside = _read_region(affines, out_size, volume.shape)
+    region = volume[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].to(torch.float32)
+    pads = _view_pads(volume, boxes, outside)
+    return _resample(
+        region[None],
+        torch.tensor([lo]),
+        torch.tensor([list(volume.shape)]),
+        affines[None],
+        None if pads is None else pads[None],
+        out_size,
+    )[0]
+
+
+def _view_pads(volume: Tensor, boxes: Sequence[Box], outside: Sequence[bool]) -> Tensor | None:
+    """(N,) minimum of each view's box where the view reaches outside the volume (NaN elsewhere), or None."""
+    if not any(outside):
+        return None
+    return torch.stack(
+        [
+            volume[b.slices].amin().to(torch.float32)
+            if o
+            else volume.new_full((), math.nan, dtype=torch.float32)
+            for b, o in zip(boxes, outside, strict=True)
+        ]
+    ).cpu()
 
 
 def _blur_matrices(sigma: np.ndarray, length: int) -> Tensor:
@@ -431,6 +506,11 @@ def _blur_matrices(sigma: np.ndarray, length: int) -> Tensor:
     return torch.from_numpy(np.einsum("nk,ikj->nij", w, onehot)).to(torch.float32)
 
 
+def blur_window(sigma: np.ndarray) -> np.ndarray:
+    """Kernel width ``2·ceil(3σ) + 1`` of the truncated Gaussian blur for sigmas of any shape (σ = 0 → 1)."""
+    return 2 * np.ceil(_BLUR_TRUNCATE * np.asarray(sigma, dtype=np.float64)).astype(np.int64) + 1
+
+
 def _blur(x: Tensor, sigma: np.ndarray) -> Tensor:
     """Separable Gaussian blur of views x (N, X, Y, Z) with per-view, per-axis sigma (N, 3) in voxels."""
     n, sx, sy, sz = x.shape
@@ -440,15 +520,11 @@ def _blur(x: Tensor, sigma: np.ndarray) -> Tensor:
     return torch.bmm(bx, x.view(n, sx, sy * sz)).view(n, sx, sy, sz)  # along x
 
 
-def _swap_permutation(
+def _draw_swaps(
     size: Sequence[int], patch: Sequence[int], count: int, n: int, rng: np.random.Generator
 ) -> np.ndarray:
-    """(n, X*Y*Z) source index of every voxel after ``count`` sequential swaps of two non-overlapping patches.
-
-    Corners are uniform over the view (torchio ``RandomSwap``); a swap exchanges the contents of the two
-    patches, later swaps acting on the result of earlier ones. Tracking where each voxel comes from turns the
-    100 swaps into one gather of the data.
-    """
+    """(n, count, 2, 3) corners of ``count`` pairs of non-overlapping patches per view, uniform over the view
+    (torchio ``RandomSwap``); overlapping second patches are redrawn."""
     size_a, patch_a = np.asarray(size), np.asarray(patch)
     high = size_a - patch_a + 1
     first = rng.integers(0, high, size=(n, count, 3))
@@ -462,17 +538,45 @@ def _swap_permutation(
         raise RuntimeError(
             f"could not place non-overlapping swap patches {list(patch)} in views of {list(size)}"
         )
-    strides = np.array([size_a[1] * size_a[2], size_a[2], 1])
-    offsets = (
-        np.stack(np.meshgrid(*(np.arange(p) for p in patch), indexing="ij"), -1).reshape(-1, 3) @ strides
-    )
-    a = (first @ strides)[..., None] + offsets  # (n, count, P) flat voxel indices of each patch
-    b = (second @ strides)[..., None] + offsets
-    src = np.tile(np.arange(int(np.prod(size_a))), (n, 1))
-    views = np.arange(n)[:, None]
-    for k in range(count):
-        src[views, a[:, k]], src[views, b[:, k]] = src[views, b[:, k]], src[views, a[:, k]]
-    return src
+    return np.stack([first, second], 2)
+
+
+def _swap_sources(corners: Tensor, size: Sequence[int], patch: Sequence[int]) -> Tensor:
+    """(N, X*Y*Z) source index of every voxel after the sequential swaps of ``corners`` (N, count, 2, 3).
+
+    A swap exchanges the contents of its two patches, later swaps acting on the result of earlier ones.
+    Tracking where each voxel comes from turns the swaps into one gather of the data; the loop runs over
+    the swaps only, every view of the batch at once, on the corners' device.
+    """
+    device = corners.device
+    sx, sy, sz = (int(s) for s in size)
+    strides = torch.tensor([sy * sz, sz, 1], device=device)
+    offsets = torch.stack(
+        torch.meshgrid(*(torch.arange(p, device=device) for p in patch), indexing="ij"), -1
+    ).reshape(-1, 3)
+    offsets = offsets @ strides  # (P,)
+    flat = (corners * strides).sum(-1)[..., None] + offsets  # (N, count, 2, P) voxel indices of each patch
+    n, voxels = len(corners), sx * sy * sz
+    # one flat index space over all views: each swap is then 2 small index reads and 2 writes
+    flat += (torch.arange(n, device=device) * voxels)[:, None, None, None]
+    # numpy indexes small arrays with ~10x less overhead per call than torch on the CPU
+    lib_flat = flat.numpy() if device.type == "cpu" else flat
+    src = np.arange(n * voxels) if device.type == "cpu" else torch.arange(n * voxels, device=device)
+    for k in range(corners.shape[1]):
+        a, b = lib_flat[:, k, 0].reshape(-1), lib_flat[:, k, 1].reshape(-1)
+        va, vb = src[a], src[b]
+        src[a], src[b] = vb, va
+    src = torch.from_numpy(src) if isinstance(src, np.ndarray) else src
+    return src.view(n, voxels) - (torch.arange(n, device=device) * voxels)[:, None]
+
+
+def _swap_permutation(
+    size: Sequence[int], patch: Sequence[int], count: int, n: int, rng: np.random.Generator
+) -> np.ndarray:
+    """(n, X*Y*Z) source index of every voxel after ``count`` sequential swaps of two non-overlapping patches
+    (:func:`_draw_swaps` then :func:`_swap_sources`)."""
+    corners = torch.from_numpy(_draw_swaps(size, patch, count, n, rng))
+    return _swap_sources(corners, size, patch).numpy()
 
 
 def _znorm(x: Tensor) -> Tensor:
@@ -483,17 +587,52 @@ def _znorm(x: Tensor) -> Tensor:
     return x.div_(std.clamp_(min=_MIN_STD))
 
 
-class PCRLv2Views:
-    """Render the PCRLv2 sub-crop views of one volume (spec §2; pcrl's decisions 1-3).
+def _pad_stack(regions: Sequence[Tensor]) -> Tensor:
+    """Zero-pad (RX, RY, RZ) regions to their common maximum size and stack them → (B, RX, RY, RZ)."""
+    shape = [max(r.shape[a] for r in regions) for a in range(3)]
+    out = regions[0].new_zeros((len(regions), *shape), dtype=torch.float32)
+    for o, r in zip(out, regions, strict=True):
+        o[: r.shape[0], : r.shape[1], : r.shape[2]] = r
+    return out
 
-    Deterministic: the same volume and seed give bit-identical views (on the same device). Holds only the
-    config, so it pickles into DataLoader workers. Works on CPU and CUDA tensors.
+
+def collate_draws(draws: Sequence[dict[str, Any]], stack_regions: bool = False) -> dict[str, Any]:
+    """Stack B draws of :meth:`PCRLv2Views.draw` into one batch for :meth:`PCRLv2Views.render`.
+
+    Every tensor is stacked on a new first axis, ``key`` strings become the list ``keys``. Regions stay a
+    list of B crops (rendered one call each on the CPU, no copy), or with ``stack_regions`` are zero-padded to a
+    common size and stacked (B, RX, RY, RZ): what a loader worker hands over to be pinned, copied to the GPU
+    and rendered there in one call.
+    """
+    if not draws:
+        raise ValueError("collate_draws got an empty batch")
+    batch: dict[str, Any] = {}
+    for name in draws[0]:
+        values = [d[name] for d in draws]
+        if name.endswith("_region"):
+            batch[name] = _pad_stack(values) if stack_regions else values
+        elif name == "boxes":
+            batch[name] = {k: torch.stack([v[k] for v in values]) for k in values[0]}
+        elif isinstance(values[0], Tensor):
+            batch[name] = torch.stack(values)
+        else:
+            batch[name + "s" if name == "key" else name] = list(values)
+    return batch
+
+
+class PCRLv2Views:
+    """Render the PCRLv2 sub-crop views (spec §2; pcrl's decisions 1-3), one sample or a whole batch.
+
+    Deterministic: the same volume and seed give bit-identical views (on the same device), whether rendered
+    alone or in a batch. Holds only the config, so it pickles into DataLoader workers. Works on CPU and CUDA
+    tensors.
 
     Example::
 
         views = PCRLv2Views(cfg.views)
         sample = views(volume, seed=123, tissue_threshold=0.425)  # volume: (X, Y, Z) float32 in [0, 1]
         sample["global_views"].shape  # (2, 1, 64, 64, 32)
+        batch = views.render(collate_draws([views.draw(v, s) for v, s in ...]), device)  # (B, 2, 1, ...)
     """
 
     def __init__(self, cfg: ViewsConfig) -> None:
@@ -527,6 +666,38 @@ class PCRLv2Views:
         Raises:
             ValueError: ``volume`` is not a 3D floating tensor, or the sampled region holds NaN/Inf.
         """
+        batch = self.render(collate_draws([self.draw(volume, seed, tissue_threshold)]), volume.device)
+        return {
+            k: ({b: t[0] for b, t in v.items()} if isinstance(v, dict) else v[0])
+            for k, v in batch.items()
+            if k != "keys"
+        }
+
+    # -- per sample, on the CPU ------------------------------------------------------------------------
+
+    def draw(self, volume: Tensor, seed: int, tissue_threshold: float | None = None) -> dict[str, Any]:
+        """Draw every random choice of one sample from its seed and cut the volume regions its views read.
+
+        The geometry comes from the sampler above (:func:`sample_global_pair`, :func:`sample_local_boxes`,
+        :func:`sample_spatial_params`, :func:`view_affines`); every renderer (this torch one, ``pcrl.dali``)
+        renders these draws.
+
+        Args:
+            volume: (X, Y, Z) float intensities in [0, 1], any device.
+            seed: seed of this sample's random stream.
+            tissue_threshold: see :meth:`__call__`.
+
+        Returns:
+            A dict of tensors (``collate_draws`` stacks it): ``global_region`` / ``local_region`` (RX, RY, RZ)
+            float32 crops with their ``*_origin`` (3,), ``volume_shape`` (3,), ``*_affines`` (V, 3, 4) float64
+            output → volume maps, ``*_pad`` (V,) values outside the volume, ``outside`` () bool (any view
+            reaches outside the volume), ``sigma`` (2+L, 3), ``noise_std`` (2+L,), ``gamma`` (2+L,),
+            ``noise_seed`` () int64, ``swaps`` (2, swap_count, 2, 3) int64 patch corners and ``boxes``.
+            Views are ordered globals first, then locals.
+
+        Raises:
+            ValueError: ``volume`` is not a 3D floating tensor.
+        """
         if volume.dim() != 3 or not volume.is_floating_point():
             raise ValueError(
                 f"expected one (X, Y, Z) floating-point volume, got shape {tuple(volume.shape)} of {volume.dtype}"
@@ -540,42 +711,163 @@ class PCRLv2Views:
         global_params = sample_spatial_params(2, cfg, rng)
         local_params = sample_spatial_params(cfg.num_locals, cfg, rng)
 
-        # spatial rendering: one trilinear resampling per view, one batched call per view size
-        targets = render_views(volume, [box1, box2], cfg.global_size, global_params)
-        locals_ = render_views(volume, local_boxes, cfg.local_size, local_params)
-        if not torch.isfinite(targets.sum() + locals_.sum()):  # NaN/Inf anywhere propagates to the sum
-            raise ValueError(f"volume of shape {shape} holds NaN or Inf values in the sampled region")
-
-        # intensity: blur → noise → gamma → swap (globals only) → z-normalisation
-        noise = torch.Generator(device=volume.device)
-        noise.manual_seed(int(rng.integers(0, 2**63 - 1)))
-        global_views = self._degrade(targets, rng, noise)
+        # intensity: blur → noise → gamma → swap (globals only) → z-normalisation; drawn in this order
+        noise_seed = int(rng.integers(0, 2**63 - 1))
+        g_sigma, g_std, g_gamma = self._draw_degrade(2, rng)
         if cfg.swap_count > 0:
-            src = _swap_permutation(cfg.global_size, cfg.swap_patch, cfg.swap_count, 2, rng)
-            src = torch.from_numpy(src).to(volume.device)
-            global_views = global_views.reshape(2, -1).gather(1, src).view_as(global_views)
-        local_views = self._degrade(locals_, rng, noise)
+            swaps = _draw_swaps(cfg.global_size, cfg.swap_patch, cfg.swap_count, 2, rng)
+        else:
+            swaps = np.zeros((2, 0, 2, 3), np.int64)
+        l_sigma, l_std, l_gamma = self._draw_degrade(cfg.num_locals, rng)
 
-        boxes = {
-            "global": torch.tensor([[b.start, b.size] for b in (box1, box2)], dtype=torch.int64),
-            "local": torch.tensor([[b.start, b.size] for b in local_boxes], dtype=torch.int64),
-        }
-        return {
-            "global_views": _znorm(global_views)[:, None],
-            "global_targets": targets[:, None],
-            "local_views": _znorm(local_views)[:, None],
-            "boxes": boxes,
-        }
-
-    def _degrade(self, x: Tensor, rng: np.random.Generator, noise: torch.Generator) -> Tensor:
-        """Blur → additive Gaussian noise → gamma of views x (N, X, Y, Z), each with its own parameters."""
-        cfg, n = self.cfg, x.shape[0]
-        sigma = rng.uniform(cfg.blur_sigma[0], cfg.blur_sigma[1], size=(n, 3))
-        std = torch.from_numpy(rng.uniform(cfg.noise_std[0], cfg.noise_std[1], size=n)).to(x)
-        gamma = torch.from_numpy(np.exp(rng.uniform(-cfg.gamma_log_range, cfg.gamma_log_range, size=n))).to(x)
-        x = _blur(x, sigma)  # a new tensor: the in-place steps below never touch the caller's targets
-        x += torch.randn(x.shape, generator=noise, device=x.device, dtype=x.dtype).mul_(
-            std[:, None, None, None]
+        out: dict[str, Any] = {}
+        outside = False
+        for name, boxes, size, params in (
+            ("global", [box1, box2], cfg.global_size, global_params),
+            ("local", local_boxes, cfg.local_size, local_params),
+        ):
+            affines = view_affines(boxes, size, params)
+            lo, hi, out_flags = _read_region(affines, size, shape)
+            pads = _view_pads(volume, boxes, out_flags)
+            outside = outside or pads is not None
+            out[f"{name}_region"] = volume[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+            out[f"{name}_origin"] = torch.tensor(lo)
+            out[f"{name}_affines"] = affines
+            out[f"{name}_pad"] = torch.full((len(boxes),), math.nan) if pads is None else pads
+        out.update(
+            volume_shape=torch.tensor(shape),
+            outside=torch.tensor(outside),
+            sigma=torch.from_numpy(np.concatenate([g_sigma, l_sigma])),
+            noise_std=torch.from_numpy(np.concatenate([g_std, l_std])),
+            gamma=torch.from_numpy(np.concatenate([g_gamma, l_gamma])),
+            noise_seed=torch.tensor(noise_seed),
+            swaps=torch.from_numpy(swaps),
+            boxes={
+                "global": torch.tensor([[b.start, b.size] for b in (box1, box2)], dtype=torch.int64),
+                "local": torch.tensor([[b.start, b.size] for b in local_boxes], dtype=torch.int64),
+            },
         )
-        # sign(x)|x|^γ; exp(γ log|x|) is ~2× faster than pow on CPU and maps 0 to 0
-        return x.abs().log_().mul_(gamma[:, None, None, None]).exp_().copysign_(x)
+        return out
+
+    def _draw_degrade(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Blur sigma (n, 3), noise std (n,) and gamma (n,) of n views."""
+        cfg = self.cfg
+        sigma = rng.uniform(cfg.blur_sigma[0], cfg.blur_sigma[1], size=(n, 3))
+        std = rng.uniform(cfg.noise_std[0], cfg.noise_std[1], size=n)
+        gamma = np.exp(rng.uniform(-cfg.gamma_log_range, cfg.gamma_log_range, size=n))
+        return sigma, std, gamma
+
+    # -- per batch, on the CPU or the GPU --------------------------------------------------------------
+
+    def render(self, batch: dict[str, Any], device: torch.device | str | None = None) -> dict[str, Any]:
+        """Render a batch of draws (:func:`collate_draws`) on ``device`` (default: where the regions are).
+
+        One ``grid_sample`` for all global views of the batch, one for all local views, then the intensity
+        steps batched over every view. No host synchronisation on a GPU (the NaN check runs on the CPU only;
+        on a GPU a NaN reaches the loss, whose check stops the run).
+
+        Returns:
+            ``global_views`` / ``global_targets`` (B, 2, 1, gx, gy, gz), ``local_views`` (B, L, 1, lx, ly, lz)
+            float32 on ``device``, ``boxes`` ``{"global": (B, 2, 2, 3), "local": (B, L, 2, 3)}`` and
+            ``keys`` where the draws had them.
+
+        Raises:
+            ValueError: (CPU) the sampled region holds NaN/Inf.
+        """
+        if device is None:
+            regions = batch["global_region"]
+            device = (regions if isinstance(regions, Tensor) else regions[0]).device
+        device = torch.device(device)
+        targets = self._spatial(batch, "global", device)  # (B, 2, gx, gy, gz)
+        locals_ = self._spatial(batch, "local", device)  # (B, L, lx, ly, lz)
+        if device.type == "cpu" and not torch.isfinite(targets.sum() + locals_.sum()):
+            shapes = sorted({tuple(s) for s in batch["volume_shape"].tolist()})
+            raise ValueError(f"volume of shape {shapes} holds NaN or Inf values in the sampled region")
+        sigma = batch["sigma"].cpu().numpy()
+        blurred_g = _blur(targets.flatten(0, 1), sigma[:, :2].reshape(-1, 3)).view_as(targets)
+        blurred_l = _blur(locals_.flatten(0, 1), sigma[:, 2:].reshape(-1, 3)).view_as(locals_)
+        return self._finish(batch, targets, blurred_g, blurred_l)
+
+    def _spatial(self, batch: dict[str, Any], name: str, device: torch.device) -> Tensor:
+        size = self.cfg.global_size if name == "global" else self.cfg.local_size
+        pads = batch[f"{name}_pad"] if bool(batch["outside"].any()) else None
+        regions = batch[f"{name}_region"]
+        if isinstance(regions, Tensor):
+            regions = regions.to(device, non_blocking=True)
+        elif device.type != "cpu":
+            regions = _pad_stack(regions).to(device, non_blocking=True)
+        return _resample(
+            regions,
+            batch[f"{name}_origin"],
+            batch["volume_shape"],
+            batch[f"{name}_affines"],
+            pads,
+            size,
+        )
+
+    def _finish(
+        self, batch: dict[str, Any], targets: Tensor, blurred_g: Tensor, blurred_l: Tensor
+    ) -> dict[str, Any]:
+        """Noise → gamma → swap (globals) → z-normalisation of blurred views, shared by every renderer.
+
+        The noise of sample b comes from a generator seeded with its ``noise_seed`` (globals first, then
+        locals), so a sample's views do not depend on the batch it is rendered in.
+        """
+        cfg, device = self.cfg, targets.device
+        b, n_g = targets.shape[:2]
+        noise = torch.Generator(device=device)
+        g_noise, l_noise = torch.empty_like(blurred_g), torch.empty_like(blurred_l)
+        for i, seed in enumerate(batch["noise_seed"].tolist()):
+            noise.manual_seed(seed)
+            g_noise[i] = torch.randn(blurred_g.shape[1:], generator=noise, device=device)
+            l_noise[i] = torch.randn(blurred_l.shape[1:], generator=noise, device=device)
+        std = batch["noise_std"].to(device, torch.float32, non_blocking=True)
+        gamma = batch["gamma"].to(device, torch.float32, non_blocking=True)
+        views = []
+        for x, eps, sl in ((blurred_g, g_noise, slice(0, n_g)), (blurred_l, l_noise, slice(n_g, None))):
+            shape = (*x.shape[:2], 1, 1, 1)
+            x = x.add_(eps.mul_(std[:, sl].reshape(shape)))  # x is the blur's own output, never the targets
+            # sign(x)|x|^γ; exp(γ log|x|) is ~2× faster than pow on CPU and maps 0 to 0
+            views.append(x.abs().log_().mul_(gamma[:, sl].reshape(shape)).exp_().copysign_(x))
+        global_views, local_views = views
+        if cfg.swap_count > 0:
+            corners = batch["swaps"].to(device, non_blocking=True).flatten(0, 1)  # (B·2, count, 2, 3)
+            src = _swap_sources(corners, cfg.global_size, cfg.swap_patch)
+            global_views = global_views.reshape(b * n_g, -1).gather(1, src).view_as(global_views)
+        out: dict[str, Any] = {
+            "global_views": _znorm(global_views.flatten(0, 1)).view_as(global_views)[:, :, None],
+            "global_targets": targets[:, :, None],
+            "local_views": _znorm(local_views.flatten(0, 1)).view_as(local_views)[:, :, None],
+            "boxes": batch["boxes"],
+        }
+        if "keys" in batch:
+            out["keys"] = batch["keys"]
+        return out
+
+    def collate(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """``collate_fn`` of a loader whose workers render on the CPU: stack the draws, render the batch."""
+        return self.render(collate_draws(samples), torch.device("cpu"))
+
+
+def build_renderer(cfg: ViewsConfig, device: torch.device | str, max_batch_size: int) -> PCRLv2Views:
+    """The renderer ``views.backend`` asks for, on ``device`` (where the training process computes).
+
+    ``torch`` renders on CPU in the loader workers or, on a GPU, in the training process; ``dali`` renders
+    with a DALI pipeline (CPU mode without a GPU); ``auto`` takes DALI only on a GPU with DALI installed
+    (on a CPU the torch path is the fast one: measured in ``bench/views.py``).
+
+    Raises:
+        ImportError: ``views.backend=dali`` without DALI installed (names the extra to install).
+    """
+    device = torch.device(device)
+    backend = cfg.backend
+    if backend == "auto":
+        from pcrl.dali import dali_available
+
+        backend = "dali" if device.type == "cuda" and dali_available() else "torch"
+    if backend == "dali":
+        from pcrl.dali import DALIViews
+
+        device_id = None if device.type == "cpu" else (device.index or 0)
+        return DALIViews(cfg, device_id=device_id, max_batch_size=max_batch_size)
+    return PCRLv2Views(cfg)

@@ -20,6 +20,7 @@ from pcrl.views import (
     _grid,
     _swap_permutation,
     box_iou,
+    collate_draws,
     render_views,
     sample_global_pair,
     sample_local_boxes,
@@ -443,3 +444,37 @@ def test_views_reject_swap_patch_without_room():
     cfg = dataclasses.replace(tiny_cfg(), swap_patch=(20, 20, 10))
     with pytest.raises(ValueError, match="swap_patch"):
         PCRLv2Views(cfg)
+
+
+# --- batches ---------------------------------------------------------------------------------------
+
+
+def test_render_batch_equals_per_sample_views(volume):
+    """Pins must-have 4: a whole batch rendered at once (list regions on the CPU, or stacked regions as on a
+    GPU) gives each sample the views it gets alone, so resume and per-sample seeding are unaffected."""
+    cfg = tiny_cfg()
+    views = PCRLv2Views(cfg)
+    other = smooth_volume((64, 72, 40), seed=3)
+    draws = [views.draw(v, s, 0.6) for s, v in enumerate([volume, other, volume])]
+    for stacked in (False, True):
+        batch = views.render(collate_draws(draws, stack_regions=stacked))
+        assert batch["global_views"].shape == (3, 2, 1, 32, 32, 16)
+        assert batch["local_views"].shape == (3, 6, 1, 8, 8, 8)
+        for i, (s, v) in enumerate(enumerate([volume, other, volume])):
+            alone = views(v, seed=s, tissue_threshold=0.6)
+            for k in ("global_views", "global_targets", "local_views"):
+                torch.testing.assert_close(batch[k][i], alone[k], atol=1e-5, rtol=0)
+            assert torch.equal(batch["boxes"]["global"][i], alone["boxes"]["global"])
+
+
+def test_views_distribution_over_many_draws(volume):
+    """Pins distribution-level properties over many draws: targets stay in [0, 1], global boxes vary, the
+    swap and noise make views differ from the z-normalised targets by a stable amount."""
+    views = PCRLv2Views(tiny_cfg())
+    batch = views.render(collate_draws([views.draw(volume, s, None) for s in range(24)]))
+    t = batch["global_targets"]
+    assert t.min() >= -1e-6 and t.max() <= 1 + 1e-6
+    assert len({tuple(b.flatten().tolist()) for b in batch["boxes"]["global"]}) == 24
+    z = (t - t.mean((2, 3, 4, 5), keepdim=True)) / t.std((2, 3, 4, 5), correction=0, keepdim=True)
+    gap = (batch["global_views"] - z).square().mean((2, 3, 4, 5))
+    assert 0.05 < gap.mean() < 2.0
