@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_pretrain import TINY, _common, _deepspeed, _free_port, _records
+from test_pretrain import TINY, _common, _deepspeed, _records
 
 from pcrl.config import ConfigError, load_config
+from pcrl.distributed import free_port
 from pcrl.evaluate import Evaluation, RestorationEval, eval_views, metric_mode, psnr
 from pcrl.model import PCRLv2UNet
 
@@ -96,7 +97,7 @@ def test_training_logs_validation_and_reports_it(sample_shards: Path, tmp_path: 
             ("MASTER_ADDR", "127.0.0.1"),
         ):
             monkeypatch.setenv(var, value)
-        monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+        monkeypatch.setenv("MASTER_PORT", str(free_port()))
 
     one_process_env()
     common = [
