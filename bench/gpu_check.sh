@@ -61,6 +61,9 @@ for s in range(n):
 torch.cuda.synchronize(); dt = (time.perf_counter() - t0) / n
 print(json.dumps({"views_ms_per_sample": dt * 1e3, "samples_per_s": 1 / dt, "note": "2 global + 6 local views, paper sizes, one sample per call"}))
 PYEOF
+# torch and DALI view renderers on the GPU against torchio on one CPU core (bench/views.py, same volumes)
+run views_bench 150 $PY bench/views.py --shards "${SHARDS:-.cache/demo/shards}" --samples 4 --gpu-samples 256 \
+  --batch 32 --json
 if [ -n "${SHARDS:-}" ] && $PY -c "import deepspeed" 2>/dev/null; then
   echo "== engine (launch/pretrain.py, base.yaml, bf16 + channels-last, micro-batch 16)"
   left=$((DEADLINE - SECONDS)); [ "$left" -lt 300 ] || left=300
