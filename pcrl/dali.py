@@ -20,8 +20,8 @@ knows LZ4 and deflate, not zstd), so the webdataset reader could only hand raw b
 volume for the tissue filter) would run there too. Instead the torch DataLoader workers of
 :func:`pcrl.data.build_loader` decode in parallel processes, draw each sample's geometry and cut the regions its
 views read (a few MB, not the whole volume); the batch arrives here through ``fn.external_source`` (pinned on a
-GPU machine). Measured here on CPU: decoding one 321×321×305 CT volume is ~0.1 s, so one decoding process
-feeds ~10 volumes/s and N workers N times that, whereas a python_function inside DALI is one process;
+GPU machine). Measured here on CPU: reading and decoding one 321×321×305 CT volume took 1.2 s on a heavily
+loaded 2-core machine, so one decoding process is the bottleneck and N workers give N times that, whereas a python_function inside DALI is one process;
 the exact resume of the loader (worker positions, per-sample seeds) also carries over unchanged.
 
 DALI is imported lazily: ``import pcrl`` works without it, and asking for ``views.backend: dali`` without it
