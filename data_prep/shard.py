@@ -4,14 +4,18 @@
 Usage::
 
     python -m data_prep.shard --input RAW [RAW ...] --output SHARDS [--spacing 1 1 1] [--modality auto]
-        [--shard-size-mb 256] [--split train=0.9,val=0.1] [--workers N] [--exclude GLOB ...]
+        [--shard-size-mb 256] [--split train=0.9,val=0.1] [--workers N | --ray ADDRESS] [--crop-body]
+        [--format webdataset|zarr] [--exclude GLOB ...]
 
 Each input file goes through: read (:mod:`data_prep.readers`) → canonical RAS+ → linear resampling to the
 target spacing → intensity policy (CT: int16 HU clipped to [-1024, 3071]; MR: float16, percentiles
-0.5/99.5 → [0, 1]) → one sample ``<key>.image.npy.zst`` + ``<key>.meta.json``. Every input ends as exactly
-one ``manifest.jsonl`` line or one ``rejects.jsonl`` line with the reason.
+0.5/99.5 → [0, 1]) → optional body crop (:mod:`data_prep.crop`) → one sample ``<key>.image.npy.zst`` +
+``<key>.meta.json`` (or one Zarr array). Every input ends as exactly one ``manifest.jsonl`` line or one
+``rejects.jsonl`` line with the reason. ``qa.png`` (:mod:`data_prep.qa`) shows a sample of the accepted
+volumes for a check by eye.
 
-The output is byte-for-byte deterministic for any ``--workers``: inputs are sorted, workers only prepare
+Volumes and DICOM headers are prepared by :class:`data_prep.pool.Pool`: this process, local worker
+processes, or Ray tasks. The output is byte-for-byte deterministic for any ``--workers`` and back end: inputs are sorted, workers only prepare
 samples, and the parent writes them in input order into tars with fixed metadata (mtime 0, uid/gid 0).
 Keys are the first 16 hex digits of the sha256 of the uncompressed ``.npy`` bytes (see
 :func:`pcrl.data.encode_volume`); two inputs with identical content are one volume (the second is rejected
@@ -20,7 +24,8 @@ written last, so a folder with a manifest is a complete shard set. ``summary.jso
 the inputs and options: a re-run of the same job writes nothing, and a killed job resumes from
 ``journal.jsonl``, whose entries are flushed only when the shard (or Zarr array) holding them is complete.
 
-Exit codes: 0 done, 2 usage error, 3 more rejects than ``--max-reject-fraction`` (outputs still written).
+Exit codes: 0 done, 2 usage error, 3 more rejects than ``--max-reject-fraction`` (outputs still written),
+1 a local worker process died (out of memory?); completed shards are kept for the re-run.
 """
 
 from __future__ import annotations
@@ -38,19 +43,19 @@ import shutil
 import sys
 import tarfile
 import time
-from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from data_prep.crop import body_box
 from data_prep.dicom import DicomHeader, group_series, is_dicom, load_dicom, read_header, series_tag
+from data_prep.pool import Pool, PoolError
+from data_prep.qa import QA_NAME, write_qa_sheet
 from data_prep.readers import RawVolume, RejectedInput, load_volume, volume_suffix
-from data_prep.zarr_writer import STORE_NAME, ZarrWriter
+from data_prep.zarr_writer import STORE_NAME, ZarrWriter, encode_array
 from pcrl.data import (
     CT_HU_RANGE,
     IMAGE_SUFFIX,
@@ -126,6 +131,14 @@ class ShardOptions:
     """Split fractions, assigned by a salted hash of the patient id."""
     workers: int = 1
     """Processes preparing volumes (<= 1: in this process). The output does not depend on it."""
+    ray: str | None = None
+    """Prepare volumes (and read DICOM headers) as Ray tasks: ``local`` starts a private Ray instance with
+    ``workers`` CPUs, anything else is the address of a running cluster (``auto``, ``host:6379``,
+    ``ray://host:10001``). The output does not depend on it."""
+    crop_body: bool = False
+    """Crop each volume to the box around the body (CT: above -500 HU; MR: above 10 % of its robust range;
+    largest connected part, plus a margin), dropping the air around the patient. Recorded as ``crop`` in
+    the metadata."""
     max_reject_fraction: float = 0.5
     """The CLI exits 3 when more than this fraction of the inputs is rejected."""
     min_size: tuple[int, int, int] = (64, 64, 32)
@@ -175,6 +188,8 @@ class ShardOptions:
             raise ValueError(f"take_volume must be >= 0, got {self.take_volume}")
         if self.format not in ("webdataset", "zarr"):
             raise ValueError(f"format must be webdataset or zarr, got {self.format!r}")
+        if self.ray is not None and not self.ray.strip():
+            raise ValueError("--ray needs an address: local, auto, host:port or ray://host:port")
 
 
 @dataclass(frozen=True)
@@ -240,13 +255,16 @@ class Discovery:
         )
 
 
-def find_inputs(inputs: Sequence[Path], exclude: Sequence[str] = (), split_gaps: bool = False) -> Discovery:
+def find_inputs(
+    inputs: Sequence[Path], exclude: Sequence[str] = (), split_gaps: bool = False, pool: Pool | None = None
+) -> Discovery:
     """Files given directly and files found recursively under folders, minus ``exclude``, as volumes.
 
     NIfTI/NRRD/MetaImage files are one volume each. DICOM files (``.dcm``/``.ima`` or the ``DICM`` magic)
     have their headers read and are grouped into series (:func:`data_prep.dicom.group_series`, per input
     root); a file whose header says it is no image (RTSTRUCT, SR, no pixel data) or that cannot be parsed is
-    rejected here. Other files under a folder are listed as ignored.
+    rejected here. Other files under a folder are listed as ignored. With a parallel ``pool`` the headers
+    are read by its workers, in batches.
 
     Raises:
         FileNotFoundError: an input does not exist, or no volume or DICOM file is found at all.
@@ -273,20 +291,23 @@ def find_inputs(inputs: Sequence[Path], exclude: Sequence[str] = (), split_gaps:
     items: list[Item] = []
     headers: dict[Path, list[DicomHeader]] = {}
     rejects: list[Rejected] = []
+    dicom: list[InputFile] = []
     for f in sorted((i for i in found.values() if not excluded(i)), key=lambda i: str(i.path)):
         if volume_suffix(f.path) is not None:
             items.append(f)
         elif is_dicom(f.path):
-            try:
-                headers.setdefault(f.root, []).append(read_header(f.path))
-            except RejectedInput as e:
-                rejects.append(Rejected(-1, f.source, str(f.path), str(e)))
+            dicom.append(f)
         elif f.path in explicit:
             items.append(f)  # rejected by the reader with "unsupported file type"
         else:
             ignored.append(
                 Rejected(-1, f.source, str(f.path), "ignored: not a NIfTI, NRRD, MetaImage or DICOM file")
             )
+    for f, header in zip(dicom, _read_headers([f.path for f in dicom], pool), strict=True):
+        if isinstance(header, str):
+            rejects.append(Rejected(-1, f.source, str(f.path), header))
+        else:
+            headers.setdefault(f.root, []).append(header)
     for root, hs in headers.items():
         for s in group_series(hs, split_gaps=split_gaps):
             items.append(InputSeries(s.paths, root, s.series_uid, s.part, s.patient_id))
@@ -299,6 +320,30 @@ def find_inputs(inputs: Sequence[Path], exclude: Sequence[str] = (), split_gaps:
             + (f" after --exclude {list(exclude)}" if exclude else "")
         )
     return Discovery(items, rejects, ignored)
+
+
+# Files per header-reading task: enough to amortise a task's overhead, few enough to spread 10^3 files.
+_HEADER_BATCH = 64
+
+
+def _header_batch(paths: Sequence[Path]) -> list[DicomHeader | str]:
+    """Headers of ``paths`` (runs in workers); a file that is rejected gives its reason instead."""
+    out: list[DicomHeader | str] = []
+    for path in paths:
+        try:
+            out.append(read_header(path))
+        except RejectedInput as e:
+            out.append(str(e))
+    return out
+
+
+def _read_headers(paths: Sequence[Path], pool: Pool | None) -> list[DicomHeader | str]:
+    """:func:`_header_batch` of every path, in order; in the pool's workers when it has any and there is
+    more than one batch."""
+    if pool is None or not pool.parallel or len(paths) <= _HEADER_BATCH:
+        return _header_batch(paths)
+    batches = [(paths[i : i + _HEADER_BATCH],) for i in range(0, len(paths), _HEADER_BATCH)]
+    return [h for batch in pool.map(_header_batch, batches) for h in batch]
 
 
 # --- per-volume processing (runs in worker processes) -------------------------------------------------
@@ -419,13 +464,17 @@ def _intensity(volume: np.ndarray, modality: str) -> tuple[np.ndarray, dict[str,
 
 @dataclass
 class Prepared:
-    """A volume ready to write: the two tar members and the manifest facts."""
+    """A volume ready to write, encoded and compressed by the worker: the two tar members (WebDataset) or
+    the files of its Zarr array, and the manifest facts (``info``, with the ``checksum``)."""
 
     index: int
     key: str
     image: bytes
+    """``.npy.zst`` bytes (WebDataset; empty for Zarr)."""
     meta: bytes
     info: dict[str, Any]
+    zarr_files: dict[str, bytes] | None = None
+    """Zarr: path inside the array folder → bytes (``zarr.json`` and compressed chunks)."""
 
 
 @dataclass
@@ -474,9 +523,26 @@ def _prepare(index: int, item: Item, options: ShardOptions) -> Prepared:
         )
     volume, affine = resample(raw.array, raw.affine, raw.spacing, options.spacing)
     del raw.array
+    crop: dict[str, Any] | None = None
+    if options.crop_body:
+        start, size, crop = body_box(volume, modality, options.spacing, options.min_size)
+        volume = np.ascontiguousarray(
+            volume[tuple(slice(a, a + n) for a, n in zip(start, size, strict=True))]
+        )
+        shift = np.eye(4)
+        shift[:3, 3] = start
+        affine = affine @ shift
     stored, policy = _intensity(volume, modality)
     del volume
-    image, key = encode_volume(stored)
+    if options.format == "zarr":
+        buf = io.BytesIO()
+        np.lib.format.write_array(buf, np.ascontiguousarray(stored), version=(1, 0), allow_pickle=False)
+        checksum = hashlib.sha256(buf.getvalue()).hexdigest()  # of the .npy bytes, as pcrl.data verifies it
+        del buf
+        image, key = b"", checksum[:16]  # the key of encode_volume: same volume, same key in both formats
+    else:
+        image, key = encode_volume(stored)
+        checksum = hashlib.sha256(image).hexdigest()
     spacing = [float(round(v, 6)) for v in np.linalg.norm(affine[:3, :3], axis=0)]
     patient = patient_hash(patient_id(item), options.salt)
     split = assign_split(patient, options.splits)
@@ -503,18 +569,15 @@ def _prepare(index: int, item: Item, options: ShardOptions) -> Prepared:
         meta["series"] = patient_hash(item.series_uid, options.salt)
     if "volume_index" in raw.header:
         meta["volume_index"] = raw.header["volume_index"]
+    if crop is not None:
+        meta["crop"] = crop
     info = {
         k: meta[k] for k in ("key", "shape", "spacing", "modality", "dtype", "split", "source", "patient")
     }
     info["files"] = len(item.paths) if isinstance(item, InputSeries) else 1
-    return Prepared(index, key, image, json.dumps(meta, sort_keys=True).encode(), info)
-
-
-def _init_worker() -> None:
-    import torch
-
-    # One process per core already; intra-op threads would oversubscribe.
-    torch.set_num_threads(1)
+    info["checksum"] = "sha256:" + checksum
+    files = encode_array(stored, meta) if options.format == "zarr" else None
+    return Prepared(index, key, image, json.dumps(meta, sort_keys=True).encode(), info, files)
 
 
 # --- writing -------------------------------------------------------------------------------------------
@@ -636,7 +699,10 @@ def _prepare_output(output: Path, overwrite: bool, fingerprint: str = "") -> Res
     same job is resumed after its last complete shard; anything else in the way needs ``overwrite``.
     """
     output.mkdir(parents=True, exist_ok=True)
-    ours = [*output.glob("shard-*.tar"), *(output / n for n in (MANIFEST_NAME, REJECTS_NAME, SUMMARY_NAME))]
+    ours = [
+        *output.glob("shard-*.tar"),
+        *(output / n for n in (MANIFEST_NAME, REJECTS_NAME, SUMMARY_NAME, QA_NAME)),
+    ]
     ours += [p for p in (output / STORE_NAME).glob("*") if p.is_dir()]  # Zarr arrays, one per volume
     existing = [p for p in ours if p.exists()]
     journal = output / JOURNAL_NAME
@@ -647,6 +713,8 @@ def _prepare_output(output: Path, overwrite: bool, fingerprint: str = "") -> Res
         except (OSError, ValueError):
             previous = {}
         if previous.get("fingerprint") == fingerprint:
+            # Killed between the manifest (the set is complete) and removing the journal: only tidy up.
+            journal.unlink(missing_ok=True)
             return Resume(done=Summary.from_dict(previous))
     elif not overwrite and fingerprint and journal.exists():
         entries = _read_journal(journal, fingerprint)
@@ -714,6 +782,10 @@ class Summary:
     """Volumes taken over from an interrupted run instead of being prepared again."""
     up_to_date: bool = False
     """True when this call found the complete result of the same job and wrote nothing."""
+    qa_sheet: str = ""
+    """The QA picture beside the manifest (``qa.png``), or ``""`` when nothing was accepted."""
+    qa_keys: list[str] = field(default_factory=list)
+    """The volumes it shows, top to bottom."""
 
     @property
     def reject_fraction(self) -> float:
@@ -733,7 +805,7 @@ class Summary:
 
 
 # Options that do not change what is written.
-_RUN_ONLY_OPTIONS = ("workers", "progress", "overwrite", "max_reject_fraction")
+_RUN_ONLY_OPTIONS = ("workers", "ray", "progress", "overwrite", "max_reject_fraction")
 
 
 def fingerprint(found: Discovery, opts: ShardOptions) -> str:
@@ -744,6 +816,8 @@ def fingerprint(found: Discovery, opts: ShardOptions) -> str:
     options["shard_size_mb"] = float(opts.shard_size_mb)
     options["spacing"] = [float(s) for s in opts.spacing]
     options["splits"] = {k: float(v) for k, v in opts.splits.items()}
+    if not opts.crop_body:
+        del options["crop_body"]  # added later: jobs without it keep the fingerprint they had
     h.update(json.dumps(options, sort_keys=True, default=str).encode())
     paths = [p for i in found.items for p in (i.paths if isinstance(i, InputSeries) else (i.path,))]
     paths += [Path(r.path) for r in (*found.rejects, *found.ignored)]
@@ -765,46 +839,18 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _results(items: Sequence[Item], options: ShardOptions, start: int = 0) -> Iterator[Prepared | Rejected]:
-    """Prepared volumes ``start, start + 1, ...`` in input order; with workers, at most 2·workers volumes in
-    flight (bounded memory)."""
-    if options.workers <= 1:
-        for i in range(start, len(items)):
-            yield prepare_volume(i, items[i], options)
-        return
-    import multiprocessing
+def _results(
+    items: Sequence[Item], options: ShardOptions, pool: Pool, start: int = 0
+) -> Iterator[Prepared | Rejected]:
+    """Prepared volumes ``start, start + 1, ...`` in input order, from the pool's workers (at most twice as
+    many volumes in flight as workers: memory stays bounded by a few volumes, not by the dataset)."""
 
-    # Not fork: the parent may hold torch/OpenMP threads. forkserver imports the heavy libraries once (torch
-    # takes seconds) and forks each worker from that clean, thread-free process; spawn where it is missing.
-    # (Not data_prep.shard itself: under `python -m` the workers re-run it as __mp_main__, and a preloaded
-    # copy makes runpy warn.)
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(
-            ["torch", "SimpleITK", "nibabel", "zstandard", "pcrl.data", "data_prep.readers"]
-        )
-    else:
-        ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=options.workers, mp_context=ctx, initializer=_init_worker) as pool:
-        pending: deque[tuple[Item, Future[Prepared | Rejected]]] = deque()
-        todo = ((i, items[i]) for i in range(start, len(items)))
-        for i, item in todo:
-            pending.append((item, pool.submit(prepare_volume, i, item, options)))
-            if len(pending) >= 2 * options.workers:
-                break
-        while pending:
-            item, future = pending.popleft()
-            try:
-                result = future.result()
-            except BrokenProcessPool:
-                raise RuntimeError(
-                    f"a worker process died while preparing {item.path} or a volume next to it "
-                    "(out of memory?); retry with fewer --workers"
-                ) from None
-            nxt = next(todo, None)
-            if nxt is not None:
-                pending.append((nxt[1], pool.submit(prepare_volume, nxt[0], nxt[1], options)))
-            yield result
+    def died(args: tuple[Any, ...], reason: str) -> Rejected:
+        index, item, _ = args
+        return Rejected(index, item.source, str(item.path), reason)
+
+    tasks = ((i, items[i], options) for i in range(start, len(items)))
+    yield from pool.map(prepare_volume, tasks, failed=died)
 
 
 def shard_volumes(inputs: Sequence[Path], output: Path, **options: Any) -> Summary:
@@ -823,15 +869,16 @@ def shard_volumes(inputs: Sequence[Path], output: Path, **options: Any) -> Summa
         FileExistsError: ``output`` already holds a shard set and ``overwrite`` is not set.
         ValueError: an invalid option.
     """
-    return _run(*_start(inputs, Path(output), options))
+    opts = ShardOptions(**options)
+    with Pool(opts.workers, opts.ray) as pool:
+        return _run(*_start(inputs, Path(output), opts, pool), pool)
 
 
 def _start(
-    inputs: Sequence[Path], output: Path, options: Mapping[str, Any]
+    inputs: Sequence[Path], output: Path, opts: ShardOptions, pool: Pool
 ) -> tuple[Sequence[Path], Path, ShardOptions, Discovery, Resume]:
     """Everything that can fail because of the user's request, before any volume is read."""
-    opts = ShardOptions(**options)
-    found = find_inputs(inputs, opts.exclude, split_gaps=opts.series_gaps == "split")
+    found = find_inputs(inputs, opts.exclude, split_gaps=opts.series_gaps == "split", pool=pool)
     resume = _prepare_output(output, opts.overwrite, fingerprint(found, opts))
     return inputs, output, opts, found, resume
 
@@ -841,18 +888,15 @@ def _reject_line(r: Rejected, files: int = 1, **extra: Any) -> str:
 
 
 def _add_to_zarr(store: ZarrWriter, result: Prepared) -> dict[str, Any]:
-    """Write a prepared volume as a Zarr array; its manifest line (``checksum``: sha256 of the ``.npy``
-    bytes, whose first 16 hex digits are the key)."""
-    import zstandard
-
-    raw = zstandard.ZstdDecompressor().decompress(result.image)
-    array = np.load(io.BytesIO(raw), allow_pickle=False)
+    """Write a prepared volume's Zarr array (compressed by the worker); its manifest line (``checksum``:
+    sha256 of the ``.npy`` bytes, whose first 16 hex digits are the key)."""
+    assert result.zarr_files is not None
     info = result.info
-    name, size = store.add(result.key, array, json.loads(result.meta))
+    name, size = store.add(result.key, result.zarr_files)
     line = {
         "key": result.key, "shard": name, "offset": 0, "size": size, "meta_offset": 0, "meta_size": 0,
         "shape": info["shape"], "spacing": info["spacing"], "modality": info["modality"], "dtype": info["dtype"],
-        "split": info["split"], "checksum": "sha256:" + hashlib.sha256(raw).hexdigest(), "source": info["source"],
+        "split": info["split"], "checksum": info["checksum"], "source": info["source"],
         "patient": info["patient"], "files": info["files"], "format": "zarr",
     }  # fmt: skip
     assert set(MANIFEST_KEYS) <= set(line)
@@ -889,7 +933,7 @@ class _Journal:
 
 
 def _run(
-    inputs: Sequence[Path], output: Path, opts: ShardOptions, found: Discovery, resume: Resume
+    inputs: Sequence[Path], output: Path, opts: ShardOptions, found: Discovery, resume: Resume, pool: Pool
 ) -> Summary:
     if resume.done is not None:
         logger.info("%s already holds this job's complete output; nothing to do", output)
@@ -926,10 +970,11 @@ def _run(
     writer = ShardWriter(output, int(opts.shard_size_mb * 2**20), done=resume.shards)
     store = ZarrWriter(output) if opts.format == "zarr" else None
     journal = _Journal(output / JOURNAL_NAME, summary.fingerprint, resumed=bool(resume.entries))
-    bar = tqdm(total=len(items), initial=resume.next_index, unit="vol", desc="sharding", disable=not opts.progress,
-               file=sys.stderr, smoothing=0.1)  # fmt: skip
+    # tqdm shows volumes/s and the ETA; the back end says where the volumes are prepared.
+    bar = tqdm(total=len(items), initial=resume.next_index, unit="vol", desc=f"sharding ({pool.backend})",
+               disable=not opts.progress, file=sys.stderr, smoothing=0.1)  # fmt: skip
     try:
-        for result in _results(items, opts, start=resume.next_index):
+        for result in _results(items, opts, pool, start=resume.next_index):
             bar.update(1)
             if isinstance(result, Prepared) and result.key in seen:
                 result = Rejected(
@@ -966,7 +1011,7 @@ def _run(
                 "modality": info["modality"],
                 "dtype": info["dtype"],
                 "split": info["split"],
-                "checksum": "sha256:" + hashlib.sha256(result.image).hexdigest(),
+                "checksum": info["checksum"],
                 "source": info["source"],
                 "patient": info["patient"],
                 "files": info["files"],
@@ -995,6 +1040,11 @@ def _run(
     summary.rejected = len(rejects) + len(found.rejects)
     rejects += [_reject_line(r) for r in found.rejects]
     rejects += [_reject_line(r, ignored=True) for r in found.ignored]
+    try:
+        summary.qa_keys = write_qa_sheet(output, [json.loads(m) for m in manifest])
+        summary.qa_sheet = QA_NAME if summary.qa_keys else ""
+    except Exception as e:  # a picture that cannot be drawn must not cost the finished shards
+        logger.warning("could not draw the QA sheet %s: %s: %s", output / QA_NAME, type(e).__name__, e)
     write_atomic(output / REJECTS_NAME, "".join(r + "\n" for r in rejects))
     write_atomic(output / SUMMARY_NAME, json.dumps(summary.to_dict(), indent=2, sort_keys=True) + "\n")
     write_atomic(output / MANIFEST_NAME, "".join(m + "\n" for m in manifest))  # last: marks the set complete
@@ -1025,6 +1075,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="processes preparing volumes (default: min(8, cores)); the output does not depend on it")  # fmt: skip
+    p.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="prepare volumes as Ray tasks: 'local' (a private Ray instance with --workers CPUs), 'auto' "
+                        "or a cluster address (inputs must be readable on every node); same output")  # fmt: skip
+    p.add_argument("--crop-body", action="store_true",
+                   help="crop each volume to the box around the body (plus a margin), dropping the air around it")  # fmt: skip
     p.add_argument("--max-reject-fraction", type=float, default=0.5,
                    help="exit with code 3 when more inputs than this are rejected (default: 0.5)")  # fmt: skip
     p.add_argument("--min-size", nargs=3, type=int, default=[64, 64, 32], metavar=("X", "Y", "Z"),
@@ -1053,6 +1108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "shard_size_mb": args.shard_size_mb,
             "splits": parse_splits(args.split),
             "workers": args.workers,
+            "ray": args.ray,
+            "crop_body": args.crop_body,
             "max_reject_fraction": args.max_reject_fraction,
             "min_size": tuple(args.min_size),
             "exclude": tuple(args.exclude),
@@ -1063,10 +1120,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             "overwrite": args.overwrite,
             "progress": not args.no_progress,
         }
-        job = _start(args.input, args.output, options)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        opts = ShardOptions(**options)
+    except ValueError as e:
         parser.error(str(e))  # exits 2
-    summary = _run(*job)
+    with Pool(opts.workers, opts.ray) as pool:
+        try:
+            job = _start(args.input, args.output, opts, pool)
+        except (ValueError, FileNotFoundError, FileExistsError) as e:
+            parser.error(str(e))  # exits 2
+        except PoolError as e:  # Ray unreachable, or a worker died reading DICOM headers
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        try:
+            summary = _run(*job, pool)
+        except PoolError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     if summary.up_to_date:
         print(f"{args.output} is up to date: same inputs and options as its summary.json; nothing written")
     print(

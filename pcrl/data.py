@@ -51,6 +51,7 @@ __all__ = [
     "collate_views",
     "decode_volume",
     "encode_volume",
+    "middle_planes",
     "read_manifest",
     "read_region",
     "read_volume",
@@ -381,6 +382,25 @@ def read_region(record: SampleRecord, start: Sequence[int], size: Sequence[int])
         return np.asarray(_open_zarr(record)[box])
     array, _ = read_volume(record)
     return np.ascontiguousarray(array[box])
+
+
+def middle_planes(volume: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Axial, coronal and sagittal middle planes of an (X, Y, Z) RAS+ array, in radiological orientation.
+
+    Here, beside the array contract, because both the training pictures (:mod:`pcrl.figures`) and the
+    QA sheet of ``data_prep`` (which imports the shard contract, not the training side of pcrl) draw
+    volumes with it.
+
+    Every plane is transposed so its second in-plane axis runs down the rows, then flipped both ways: axial
+    (x, y) has anterior up and the patient's right on the left; coronal (x, z) has superior up and the
+    right on the left; sagittal (y, z) has superior up and anterior on the left.
+
+    Returns:
+        (Y, X), (Z, X) and (Z, Y) arrays; row 0 is the top of the picture.
+    """
+    v = np.asarray(volume, dtype=np.float32)
+    x, y, z = (s // 2 for s in v.shape)
+    return tuple(p.T[::-1, ::-1] for p in (v[:, :, z], v[:, y, :], v[x, :, :]))  # type: ignore[return-value]
 
 
 def to_unit_range(array: np.ndarray, modality: str, ct_window: Sequence[float]) -> torch.Tensor:

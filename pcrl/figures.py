@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pcrl.data import middle_planes  # re-exported: it lives beside the array contract
 from pcrl.io import atomic_path
 
 if TYPE_CHECKING:
@@ -174,21 +175,6 @@ def restore(model: nn.Module, views: Tensor) -> tuple[Tensor, list[Tensor]]:
         for m in out.scale_reconstructions
     ]
     return out.reconstruction.float().cpu(), [s.cpu() for s in scales]
-
-
-def middle_planes(volume: Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Axial, coronal and sagittal middle planes of an (X, Y, Z) RAS+ array, in radiological orientation.
-
-    Every plane is transposed so its second in-plane axis runs down the rows, then flipped both ways: axial
-    (x, y) has anterior up and the patient's right on the left; coronal (x, z) has superior up and the
-    right on the left; sagittal (y, z) has superior up and anterior on the left.
-
-    Returns:
-        (Y, X), (Z, X) and (Z, Y) arrays; row 0 is the top of the picture.
-    """
-    v = np.asarray(volume, dtype=np.float32)
-    x, y, z = (s // 2 for s in v.shape)
-    return tuple(p.T[::-1, ::-1] for p in (v[:, :, z], v[:, y, :], v[x, :, :]))  # type: ignore[return-value]
 
 
 def draw_panel(

@@ -358,6 +358,8 @@ def bad_inputs(sample_volumes: dict[str, Path], tmp_path_factory: pytest.TempPat
     _save_nifti(crop, raw.affine, root / "good.nii.gz")
     _save_nifti(crop, raw.affine, root / "good_copy.nii")  # same voxels, another file
     (root / "empty.nii.gz").write_bytes(b"")
+    whole = (root / "good.nii.gz").read_bytes()
+    (root / "truncated.nii.gz").write_bytes(whole[: len(whole) // 2])  # a copy cut short
     (root / "text.nii.gz").write_text("this is not a NIfTI file\n")
     _save_nifti(np.ascontiguousarray(raw.array[:, :, 10]), raw.affine, root / "flat2d.nii.gz")
     sitk.WriteImage(
@@ -379,6 +381,7 @@ def bad_inputs(sample_volumes: dict[str, Path], tmp_path_factory: pytest.TempPat
 EXPECTED_REJECTS = {
     "good_copy.nii": "duplicate: same voxels as good.nii.gz",
     "empty.nii.gz": "empty file",
+    "truncated.nii.gz": "unreadable",
     "text.nii.gz": "unreadable",
     "flat2d.nii.gz": "not a 3D volume",
     "flat2d.nrrd": "not a 3D volume",
@@ -398,7 +401,7 @@ def test_shard_rejects_each_bad_input_with_a_reason(bad_inputs: Path, tmp_path: 
     for source, reason in EXPECTED_REJECTS.items():
         assert reason in rejects[source], (source, rejects[source])
     assert [m["source"] for m in _manifest(tmp_path)] == ["good.nii.gz"]
-    assert (summary.inputs, summary.accepted, summary.rejected) == (10, 1, 9)
+    assert (summary.inputs, summary.accepted, summary.rejected) == (11, 1, 10)
     assert not summary.too_many_rejects
 
 
@@ -411,8 +414,8 @@ def test_shard_cli_exits_3_when_rejects_exceed_the_fraction(bad_inputs: Path, tm
     )  # fmt: skip
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "--max-reject-fraction 0.5" in proc.stderr and "rejects.jsonl" in proc.stderr
-    assert "sharded 1 of 10 volumes" in proc.stdout
-    assert len(_rejects(tmp_path / "out")) == 9 and len(_manifest(tmp_path / "out")) == 1
+    assert "sharded 1 of 11 volumes" in proc.stdout
+    assert len(_rejects(tmp_path / "out")) == 10 and len(_manifest(tmp_path / "out")) == 1
 
 
 def test_shard_cli_usage_errors_exit_2(bad_inputs: Path, tmp_path: Path, capsys) -> None:
@@ -435,3 +438,110 @@ def test_shard_cli_usage_errors_exit_2(bad_inputs: Path, tmp_path: Path, capsys)
     with pytest.raises(SystemExit) as exc:
         main(["--input", str(bad_inputs), "--output", str(tmp_path / "done")])
     assert exc.value.code == 2 and "--overwrite" in capsys.readouterr().err
+
+
+def test_shard_take_volume_keeps_one_volume_of_a_4d_image(tmp_path: Path) -> None:
+    """``take_volume`` (``--take-volume T``) accepts a real 4D fMRI by keeping volume T: the stored voxels are
+    that volume's (a reader that took the wrong axis or volume would differ), and the metadata says which."""
+    example4d = Path(nib.__file__).parent / "tests" / "data" / "example4d.nii.gz"
+    if not example4d.is_file():
+        pytest.skip("this nibabel wheel has no test data")
+    img = nib.load(str(example4d))
+    keys = {}
+    for t in (0, 1):
+        out = tmp_path / f"t{t}"
+        shard_volumes([example4d], out, take_volume=t, min_size=(8, 8, 8), progress=False)
+        (rec,) = read_manifest(out, "all")
+        _, meta = read_volume(rec)
+        assert meta["volume_index"] == t
+        keys[t] = rec.key
+        # The same volume saved as its own 3D NIfTI gives the same sample.
+        single = _save_nifti(np.asanyarray(img.dataobj[..., t]), img.affine, tmp_path / f"vol{t}.nii.gz")
+        ref = tmp_path / f"ref{t}"
+        shard_volumes([single], ref, min_size=(8, 8, 8), progress=False)
+        assert _manifest(ref)[0]["key"] == rec.key
+    assert keys[0] != keys[1]
+    out = tmp_path / "out-of-range"
+    shard_volumes([example4d], out, take_volume=5, max_reject_fraction=1.0, progress=False)
+    assert "--take-volume 5 is out of range" in _rejects(out)["example4d.nii.gz"]
+
+
+def test_shard_metaimage_gives_the_nrrd_sample(
+    sample_volumes: dict[str, Path], sample_shards: Path, tmp_path: Path
+) -> None:
+    """A real MRI saved as MetaImage (.mha, through SimpleITK) shards to the same key, i.e. the same voxels,
+    as the NRRD it came from."""
+    path = tmp_path / "in" / "brain1.mha"
+    path.parent.mkdir()
+    sitk.WriteImage(sitk.ReadImage(str(sample_volumes["brain1"])), str(path))
+    shard_volumes([path], tmp_path / "out", progress=False)
+    assert _manifest(tmp_path / "out")[0]["key"] == _by_source(sample_shards)["brain1_image.nrrd"]["key"]
+
+
+# --- body crop and the QA sheet -------------------------------------------------------------------------
+
+
+def test_shard_crop_body_drops_air_and_keeps_the_body(
+    sample_volumes: dict[str, Path], sample_shards: Path, tmp_path: Path
+) -> None:
+    """``crop_body`` on the real lung2 CT: the stored volume is exactly a box of the uncropped one at the
+    recorded start, its affine moved to that box, smaller than the scan; every voxel outside the box is air
+    or part of something apart from the body (the table), and the body itself is inside."""
+    shard_volumes([sample_volumes["lung2"]], tmp_path, crop_body=True, progress=False)
+    (rec,) = read_manifest(tmp_path, "all")
+    cropped, meta = read_volume(rec)
+    (full_rec,) = [r for r in read_manifest(sample_shards, "all") if r.source == "lung2_image.nrrd"]
+    full, full_meta = read_volume(full_rec)
+    crop = meta["crop"]
+    assert crop["kind"] == "body" and crop["uncropped_shape"] == list(full.shape)
+    (x, y, z), (nx, ny, nz) = crop["start"], cropped.shape
+    np.testing.assert_array_equal(cropped, full[x : x + nx, y : y + ny, z : z + nz])
+    np.testing.assert_allclose(
+        np.array(meta["affine"]), np.array(full_meta["affine"]) @ np.array(
+            [[1, 0, 0, x], [0, 1, 0, y], [0, 0, 1, z], [0, 0, 0, 1.0]]
+        ), atol=1e-6,
+    )  # fmt: skip
+    assert cropped.size < 0.95 * full.size
+    outside = np.ones(full.shape, bool)
+    outside[x : x + nx, y : y + ny, z : z + nz] = False
+    tissue = full > -500
+    assert tissue[~outside].sum() > 100 * tissue[outside].sum()  # the body is in the box
+    assert np.median(full[outside]) < -900  # what was dropped is mostly air
+
+
+def test_shard_crop_body_on_mri_and_fingerprint(sample_volumes: dict[str, Path], tmp_path: Path) -> None:
+    """On a real MRI the crop keeps at least the minimum shape and records its threshold; a cropped job is a
+    different job from an uncropped one in the same folder (not silently mixed)."""
+    shard_volumes([sample_volumes["brain2"]], tmp_path, crop_body=True, progress=False)
+    (rec,) = read_manifest(tmp_path, "all")
+    _, meta = read_volume(rec)
+    assert meta["crop"]["threshold"] > 0 and meta["crop"]["uncropped_shape"] == [200, 200, 149]
+    assert all(n >= m for n, m in zip(rec.shape, (64, 64, 32), strict=True))
+    assert list(rec.shape) != meta["crop"]["uncropped_shape"]
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        shard_volumes([sample_volumes["brain2"]], tmp_path, progress=False)
+
+
+def test_shard_writes_a_qa_sheet_of_the_accepted_volumes(sample_shards: Path) -> None:
+    """qa.png sits beside the manifest, lists its volumes in summary.json, and shows one row of three planes
+    per volume (a blank or missing picture, or keys that are not in the manifest, fail)."""
+    import matplotlib.image
+
+    summary = json.loads((sample_shards / "summary.json").read_text())
+    keys = [m["key"] for m in _manifest(sample_shards)]
+    assert summary["qa_sheet"] == "qa.png" and summary["qa_keys"] == keys
+    picture = matplotlib.image.imread(sample_shards / "qa.png")
+    height, width = picture.shape[:2]
+    assert height > 4 * 100 and width > 300
+    gray = picture[..., :3].mean(-1)
+    assert gray.std() > 0.1 and (gray < 0.1).mean() > 0.05  # drawn volumes: dark air, bright tissue
+
+
+def test_qa_pick_spreads_over_the_manifest() -> None:
+    """The sheet's sample is deterministic and spread over the whole manifest, first and last included."""
+    from data_prep.qa import pick
+
+    lines = [{"key": str(i)} for i in range(100)]
+    chosen = [int(c["key"]) for c in pick(lines, 8)]
+    assert chosen[0] == 0 and chosen[-1] == 99 and len(set(chosen)) == 8 and chosen == sorted(chosen)
+    assert pick(lines[:3], 8) == lines[:3]

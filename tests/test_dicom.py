@@ -255,6 +255,34 @@ def test_shard_dicom_series_gaps_split_keeps_the_even_runs(
     ]
 
 
+def test_dicom_headers_are_read_in_workers_with_the_same_result(
+    bad_dicom: tuple[Path, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a process pool, DICOM headers are read by the workers in batches, and discovery finds exactly
+    the series, parts and header-level rejects of the serial read (a batching bug would drop or reorder
+    files)."""
+    from data_prep import shard
+    from data_prep.pool import Pool
+
+    root, _ = bad_dicom
+    serial = shard.find_inputs([root])
+    monkeypatch.setattr(shard, "_HEADER_BATCH", 16)  # the folder has ~200 DICOM files: several batches
+    calls: list[int] = []
+    with Pool(workers=2) as pool:
+        real_map = pool.map
+
+        def counting_map(fn, args, **kw):
+            args = list(args)
+            calls.append(len(args))
+            return real_map(fn, args, **kw)
+
+        monkeypatch.setattr(pool, "map", counting_map)
+        parallel = shard.find_inputs([root], pool=pool)
+    assert calls and calls[0] > 1  # the headers went through the pool, in several tasks
+    assert parallel.items == serial.items and len(serial.items) > 5
+    assert parallel.rejects == serial.rejects and parallel.ignored == serial.ignored
+
+
 def test_dicom_header_rejects_non_images_before_reading_pixels() -> None:
     """RTSTRUCT and SR objects are rejected from their header with a reason a person understands."""
     with pytest.raises(RejectedInput, match="RT structure set"):

@@ -44,6 +44,21 @@ def test_shard_rerun_with_other_options_needs_overwrite(
         shard_volumes(images, sample_shards, shard_size_mb=4, spacing=(2.0, 2.0, 2.0), progress=False)
 
 
+def _run_and_kill(images: list[Path], out: Path, killed_when: Path, *extra: str) -> None:
+    """Start the CLI on ``images`` and SIGKILL it as soon as ``killed_when`` exists."""
+    cmd = [sys.executable, "-m", "data_prep.shard", "--input", *map(str, images), "--output", str(out),
+           "--shard-size-mb", "4", "--workers", "1", "--no-progress", *extra]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not killed_when.exists():
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        assert time.monotonic() < deadline, "the job made no progress"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.jsonl").exists()
+
+
 def test_shard_killed_job_resumes_to_the_same_manifest(
     sample_volumes: dict[str, Path], sample_shards: Path, tmp_path: Path
 ) -> None:
@@ -52,17 +67,8 @@ def test_shard_killed_job_resumes_to_the_same_manifest(
     to the uninterrupted run (sample_shards, same options)."""
     images = [sample_volumes[n] for n in image_names(sample_volumes)]
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "data_prep.shard", "--input", *map(str, images), "--output", str(out),
-           "--shard-size-mb", "4", "--workers", "1", "--no-progress"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while not (out / "shard-000001.tar").exists():
-        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-        assert time.monotonic() < deadline, "the job made no progress"
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (out / "manifest.jsonl").exists() and (out / JOURNAL_NAME).exists()
+    _run_and_kill(images, out, out / "shard-000001.tar")
+    assert (out / JOURNAL_NAME).exists()
     first = (out / "shard-000000.tar").stat()
 
     summary = shard_volumes(images, out, shard_size_mb=4, workers=1, progress=False)
@@ -74,3 +80,48 @@ def test_shard_killed_job_resumes_to_the_same_manifest(
         assert (out / name).read_bytes() == (sample_shards / name).read_bytes(), name
     assert not (out / JOURNAL_NAME).exists() and not list(out.glob("*.tmp"))
     assert json.loads((out / "summary.json").read_text())["accepted"] == 4
+
+
+def test_shard_killed_before_any_shard_is_complete_resumes_to_the_same_bytes(
+    sample_volumes: dict[str, Path], sample_shards: Path, tmp_path: Path
+) -> None:
+    """Killed while the very first shard is still a temporary file: the re-run discards the partial file and
+    ends byte-identical to the uninterrupted run (nothing half-written is ever taken for complete)."""
+    images = [sample_volumes[n] for n in image_names(sample_volumes)]
+    out = tmp_path / "out"
+    _run_and_kill(images, out, out / "shard-000000.tar.tmp")
+    assert not list(out.glob("shard-*.tar"))
+    summary = shard_volumes(images, out, shard_size_mb=4, workers=1, progress=False)
+    assert summary.resumed == 0 and summary.accepted == 4
+    for name in [
+        "manifest.jsonl",
+        "rejects.jsonl",
+        *sorted(p.name for p in sample_shards.glob("shard-*.tar")),
+    ]:
+        assert (out / name).read_bytes() == (sample_shards / name).read_bytes(), name
+    assert not list(out.glob("*.tmp"))
+
+
+def test_zarr_killed_job_resumes_to_the_same_manifest(
+    sample_volumes: dict[str, Path], tmp_path: Path
+) -> None:
+    """The Zarr store killed after its first complete array and re-run: that array is reused untouched and the
+    manifest, rejects and every array file equal those of an uninterrupted run."""
+    images = [sample_volumes[n] for n in image_names(sample_volumes)]
+    ref = tmp_path / "ref"
+    shard_volumes(images, ref, shard_size_mb=4, format="zarr", workers=1, progress=False)
+    first_key = json.loads((ref / "manifest.jsonl").read_text().splitlines()[0])["key"]
+    out = tmp_path / "out"
+    _run_and_kill(images, out, out / "volumes.zarr" / first_key / "zarr.json", "--format", "zarr")
+    # The kill lands before or after the journal line of that array: the re-run must be right either way.
+    before = (out / "volumes.zarr" / first_key / "zarr.json").stat().st_mtime_ns
+    summary = shard_volumes(images, out, shard_size_mb=4, format="zarr", workers=1, progress=False)
+    assert summary.accepted == 4 and not summary.up_to_date
+    if summary.resumed:
+        assert (out / "volumes.zarr" / first_key / "zarr.json").stat().st_mtime_ns == before
+    for name in ["manifest.jsonl", "rejects.jsonl"]:
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+    files = sorted(p.relative_to(ref) for p in (ref / "volumes.zarr").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(out) for p in (out / "volumes.zarr").rglob("*") if p.is_file())
+    assert all((out / f).read_bytes() == (ref / f).read_bytes() for f in files)
+    assert not (out / JOURNAL_NAME).exists() and not (out / "volumes.zarr.tmp").exists()

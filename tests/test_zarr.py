@@ -76,3 +76,22 @@ def test_zarr_rerun_writes_nothing(sample_volumes: dict[str, Path], zarr_shards:
     )
     assert summary.up_to_date
     assert {p: p.stat().st_mtime_ns for p in zarr_shards.rglob("*")} == before
+
+
+def test_zarr_from_worker_processes_equals_the_inline_store(
+    sample_volumes: dict[str, Path], zarr_shards: Path, tmp_path: Path
+) -> None:
+    """Arrays compressed in two worker processes (and only written by the parent) give the same manifest and
+    the same files, byte for byte, as the one-process store."""
+    shard_volumes(
+        [sample_volumes["lung1"], sample_volumes["brain1"]],
+        tmp_path,
+        format="zarr",
+        workers=2,
+        progress=False,
+    )
+    assert (tmp_path / "manifest.jsonl").read_bytes() == (zarr_shards / "manifest.jsonl").read_bytes()
+    ours = {p.relative_to(tmp_path): p for p in (tmp_path / "volumes.zarr").rglob("*") if p.is_file()}
+    theirs = {p.relative_to(zarr_shards): p for p in (zarr_shards / "volumes.zarr").rglob("*") if p.is_file()}
+    assert sorted(ours) == sorted(theirs) and len(ours) > 10
+    assert all(ours[k].read_bytes() == theirs[k].read_bytes() for k in ours)

@@ -1,0 +1,116 @@
+"""The QA sheet of a shard set: ``qa.png`` beside the manifest, to check orientation and intensities by eye.
+
+One row per sampled volume (up to :data:`QA_VOLUMES`, spread evenly over the manifest, so the same shard set
+always shows the same volumes): its axial, coronal and sagittal middle planes in radiological orientation
+(:func:`pcrl.data.middle_planes`: the patient's right on the viewer's left; anterior up in axial, superior
+up in coronal and sagittal), at the physical aspect of the stored voxels. CT is shown on a fixed
+[-1000, 1000] HU window (air black, bone white), MRI on its stored [0, 1]. Each row is labelled with the
+key, source, modality, shape, spacing and intensity policy from the volume's own metadata.
+
+What to look for: heads and chests upright in coronal and sagittal, the heart or liver on the right of the
+picture (the patient's left), no mirrored or rotated planes, CT air near black and bone white, MRI not
+saturated. A crop (``--crop-body``) shows as a tight field of view.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from pcrl.data import SampleRecord, middle_planes, read_volume
+from pcrl.io import atomic_path
+
+__all__ = ["CT_DISPLAY_HU", "QA_NAME", "QA_VOLUMES", "pick", "write_qa_sheet"]
+
+logger = logging.getLogger(__name__)
+
+QA_NAME = "qa.png"
+QA_VOLUMES = 8
+CT_DISPLAY_HU = (-1000.0, 1000.0)
+_CELL_IN = 1.6
+_LABEL_IN = 2.6
+_DPI = 80
+
+
+def pick(lines: Sequence[Mapping[str, Any]], count: int = QA_VOLUMES) -> list[Mapping[str, Any]]:
+    """``count`` manifest lines spread evenly over the manifest (first and last included), in order."""
+    n = len(lines)
+    if n <= count:
+        return list(lines)
+    return [lines[round(i * (n - 1) / (count - 1))] for i in range(count)] if count > 1 else [lines[0]]
+
+
+def _policy(meta: Mapping[str, Any]) -> str:
+    p = meta.get("intensity", {})
+    if p.get("kind") == "ct_hu":
+        text = f"CT int16 HU clip {p.get('clip_hu')}; shown {CT_DISPLAY_HU[0]:g}..{CT_DISPLAY_HU[1]:g} HU"
+    else:
+        lo, hi = (float(v) for v in p.get("values", [0, 0]))
+        text = f"MR p{p.get('percentiles')} = [{lo:.4g}, {hi:.4g}] -> [0, 1]"
+    crop = meta.get("crop")
+    if crop:
+        text += f"\nbody crop from {crop.get('uncropped_shape')} at {crop.get('start')}"
+    return text
+
+
+def write_qa_sheet(output: Path, lines: Sequence[Mapping[str, Any]], count: int = QA_VOLUMES) -> list[str]:
+    """Draw the QA sheet of the accepted volumes ``lines`` (manifest lines of ``output``) into
+    ``output/qa.png``, written under a temporary name and renamed when complete (:func:`pcrl.io.atomic_path`).
+
+    Args:
+        output: the shard folder (manifest paths are relative to it).
+        lines: the manifest lines, in manifest order.
+        count: volumes to show at most.
+
+    Returns:
+        The keys shown, top to bottom (empty, and no file, when nothing was accepted).
+    """
+    from matplotlib.figure import Figure
+
+    chosen = pick(lines, count)
+    if not chosen:
+        return []
+    width = _LABEL_IN + 3 * _CELL_IN + 0.2
+    height = 0.6 + len(chosen) * _CELL_IN + 0.5
+    fig = Figure(figsize=(width, height), dpi=_DPI, facecolor="white")
+    grid = fig.add_gridspec(
+        len(chosen), 3, left=_LABEL_IN / width, right=1 - 0.2 / width, top=1 - 0.6 / height,
+        bottom=0.5 / height, wspace=0.04, hspace=0.08,
+    )  # fmt: skip
+    fig.suptitle(
+        f"{output.name}: {len(chosen)} of {len(lines)} accepted volumes", fontsize=10, y=1 - 0.1 / height
+    )
+    for plane, title in enumerate(("axial (A up)", "coronal (S up)", "sagittal (S up, A left)")):
+        cell = grid[0, plane].get_position(fig)
+        fig.text(cell.x0 + cell.width / 2, cell.y1 + 0.08 / height, title, ha="center", fontsize=8)
+    for row, line in enumerate(chosen):
+        array, meta = read_volume(SampleRecord.from_line(line, output))
+        if meta.get("modality") == "ct":
+            vmin, vmax = CT_DISPLAY_HU
+        else:
+            vmin, vmax = 0.0, 1.0
+        sx, sy, sz = (float(v) for v in meta["spacing"])
+        aspects = (sy / sx, sz / sx, sz / sy)  # rows / columns of each plane, in mm
+        for plane, (image, aspect) in enumerate(zip(middle_planes(array), aspects, strict=True)):
+            ax = fig.add_subplot(grid[row, plane])
+            ax.imshow(image, cmap="gray", vmin=vmin, vmax=vmax, aspect=aspect, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if plane == 0:
+                label = (
+                    f"{meta['key']}\n{str(meta.get('source', ''))[-34:]}\n{meta['modality'].upper()} "
+                    f"{list(meta['shape'])} @ {[round(s, 3) for s in meta['spacing']]} mm\n{_policy(meta)}"
+                )
+                ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=6.5, labelpad=6)
+                ax.text(0.02, 0.5, "R", transform=ax.transAxes, color="yellow", fontsize=7, va="center")
+        del array
+    fig.text(
+        0.5, 0.25 / height,
+        "Radiological: the patient's right on the viewer's left (R). CT window -1000..1000 HU, MRI stored [0, 1].",
+        ha="center", va="center", fontsize=6.5, color="#444444",
+    )  # fmt: skip
+    with atomic_path(output / QA_NAME) as tmp:
+        fig.savefig(tmp, format="png", dpi=_DPI, facecolor="white")
+    return [str(line["key"]) for line in chosen]
