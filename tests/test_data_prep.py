@@ -139,6 +139,43 @@ def test_reader_nifti_in_lia_equals_the_nrrd(sample_volumes: dict[str, Path], tm
     np.testing.assert_allclose(from_nifti.affine, canonical.affine, atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def s1_lia() -> Path:
+    """The real pycortex subject S1 T1 MRI (256³, 1 mm, uint8, stored LIA), fetched once into the cache."""
+    from conftest import samples_dir
+
+    return fetch.fetch_samples(samples_dir(), ["pycortex"])["S1_raw"]
+
+
+def test_reader_real_lia_nifti_keeps_every_voxel_at_its_world_point(s1_lia: Path, tmp_path: Path) -> None:
+    """A real scan stored LIA (pycortex S1) is read as RAS+ (x, y, z): every sampled source voxel keeps its
+    value at its world point under the new affine, and the sample's stored voxels are that canonical array
+    with the recorded MRI normalisation (a flipped or permuted axis anywhere would break both)."""
+    img = nib.load(str(s1_lia))
+    assert nib.aff2axcodes(img.affine) == ("L", "I", "A")
+    raw = load_volume(s1_lia)
+    assert nib.aff2axcodes(raw.affine) == ("R", "A", "S") and raw.array.shape == (256, 256, 256)
+    src = np.asanyarray(img.dataobj)
+    inv = np.linalg.inv(raw.affine)
+    rng = np.random.default_rng(0)
+    picks = [(0, 0, 0), (255, 255, 255), (255, 0, 17)] + [tuple(rng.integers(0, 256, 3)) for _ in range(200)]
+    picks += [tuple(ijk) for ijk in np.argwhere(src > np.percentile(src, 99))[::5000]]  # bright voxels
+    for ijk in picks:
+        can = inv @ img.affine @ [*ijk, 1.0]
+        np.testing.assert_allclose(can[:3], np.round(can[:3]), atol=1e-4)
+        i, j, k = np.round(can[:3]).astype(int)
+        assert raw.array[i, j, k] == src[ijk]
+
+    shard_volumes([s1_lia], tmp_path, progress=False)
+    (rec,) = read_manifest(tmp_path, "all")
+    stored, meta = read_volume(rec)
+    assert meta["source_orientation"] == "LIA" and rec.shape == (256, 256, 256) and rec.modality == "mr"
+    np.testing.assert_allclose(np.array(meta["affine"]), raw.affine, atol=1e-4)
+    lo, hi = meta["intensity"]["values"]
+    expected = np.clip((raw.array.astype(np.float32) - lo) / (hi - lo), 0, 1)
+    np.testing.assert_allclose(stored.astype(np.float32), expected, atol=2e-3)
+
+
 def test_shard_nifti_lia_and_nrrd_give_the_same_sample(
     sample_volumes: dict[str, Path], sample_shards: Path, tmp_path: Path
 ) -> None:
