@@ -18,6 +18,7 @@ Coordinates: the volume is indexed (x, y, z) and voxel ``i`` covers the continuo
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,7 @@ __all__ = [
     "Box",
     "PCRLv2Views",
     "SpatialParams",
+    "TissueIntegral",
     "blur_window",
     "box_iou",
     "build_renderer",
@@ -131,6 +133,75 @@ def tissue_score(volume: Tensor, box: Box, threshold: float, depth: int) -> floa
     return total / math.prod(seen.shape)
 
 
+def _tissue_weights(tissue: np.ndarray, depth: int) -> np.ndarray:
+    """(X, Y, Z) bool → (X, Y, Z - depth + 2) uint8: ``(depth - 1) ×`` the per-voxel tissue score of
+    :func:`tissue_score` for every ``d`` whose first ``depth - 1`` slices exist (integers: box sums are exact).
+
+    With ``k`` the first tissue slice of ``d ..``, ``depth - 1 - k`` is the number of ``j`` in ``0 .. depth - 2``
+    for which one of the slices ``d .. d + j`` is tissue: a sum of running ORs, no comparisons of ``k``.
+    """
+    m = tissue.shape[2] - depth + 2
+    seen = tissue[..., :m]
+    weights = seen.view(np.uint8).copy()
+    for j in range(1, depth - 1):
+        seen = seen | tissue[..., j : j + m]
+        weights += seen.view(np.uint8)
+    return weights
+
+
+class TissueIntegral:
+    """The exact :func:`tissue_score` of any box inside the region ``[lo, hi)`` of one volume, without
+    touching its voxels.
+
+    Per z slice, a 2D integral image (cumulative sum over x and y) of the integer per-voxel scores of
+    :func:`_tissue_weights`, built once per volume: ~4 passes over the region (tens of ms for a lung CT,
+    where scoring each of ~100-400 candidate boxes directly costs ~1 ms). A box's score is then 4 lookups per
+    scored slice. The per-voxel score of ``(i, j, d)`` only reads slices ``d .. d + depth - 2`` of its
+    column, all inside any box that holds ``d + depth - 1``, so a box's score is the box sum of the field
+    over its first ``size_z - depth + 1`` slices divided by ``(depth - 1)`` and that voxel count:
+    bit-identical to :func:`tissue_score` for ``depth`` 2 and 3 (the weights 1 and 1/2 are exact), within
+    rounding otherwise (tested). The innermost axis (z) is summed at query time rather than integrated,
+    because a cumulative sum along it is the slowest of the three passes.
+    """
+
+    def __init__(
+        self, volume: Tensor, threshold: float, depth: int, lo: Sequence[int], hi: Sequence[int]
+    ) -> None:
+        """``volume`` (X, Y, Z) on any device; boxes must lie in ``[lo, hi)``; ``depth >= 2``."""
+        crop = volume[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+        if crop.device.type == "cpu" and crop.dtype in (torch.float16, torch.float32, torch.float64):
+            tissue = crop.numpy() >= threshold  # numpy compares a strided crop ~5x faster than torch on CPU
+        else:
+            tissue = (crop >= threshold).cpu().numpy()
+        self.depth, self.origin = depth, np.asarray(lo, dtype=np.int64)
+        weights = _tissue_weights(tissue, depth) if tissue.shape[2] >= depth else tissue[..., :0]
+        # int32 sums are exact up to 2^31: (depth - 1) · voxels of one slice
+        sx, sy, sz = weights.shape
+        dtype = np.int32 if (depth - 1) * sx * sy < 2**31 else np.int64
+        integral = np.zeros((sx + 1, sy + 1, sz), dtype=dtype)
+        # running sums of whole slices: ~3x faster than np.cumsum's strided loop along an outer axis
+        for i in range(sx):
+            np.add(integral[i, 1:], weights[i], out=integral[i + 1, 1:])
+        for j in range(1, sy):
+            np.add(integral[1:, j], integral[1:, j + 1], out=integral[1:, j + 1])
+        self.integral = integral
+
+    def scores(self, starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+        """Tissue scores (N,) float64 of N boxes ``starts``, ``sizes`` (N, 3) inside the region, each at
+        least ``depth`` slices deep."""
+        a = starts - self.origin
+        b = a + sizes - [0, 0, self.depth - 1]  # exclusive end of the scored slices
+        n = b[:, 2] - a[:, 2]
+        z = a[:, 2, None] + np.arange(max(int(n.max(initial=0)), 1))  # (N, Z) scored slices, padded
+        inside = z < b[:, 2, None]
+        z = np.where(inside, z, a[:, 2, None])
+        c = self.integral
+        x0, x1, y0, y1 = (v[:, None] for v in (a[:, 0], b[:, 0], a[:, 1], b[:, 1]))
+        per_slice = c[x1, y1, z] - c[x0, y1, z] - c[x1, y0, z] + c[x0, y0, z]  # (N, Z)
+        total = np.where(inside, per_slice, 0).sum(1, dtype=np.int64)
+        return total / ((self.depth - 1) * (b - a).prod(-1))
+
+
 def _draw_boxes(
     shape: np.ndarray, sizes: np.ndarray, border: np.ndarray, rng: np.random.Generator
 ) -> np.ndarray:
@@ -190,18 +261,39 @@ def sample_global_pair(
     if volume is None or tissue_threshold is None or not cfg.tissue_filter:
         return pair(int(valid[0]))
 
-    best, best_score = int(valid[0]), math.inf
-    for t in valid:
-        boxes = pair(int(t))
-        score = tissue_score(volume, boxes[0], tissue_threshold, cfg.tissue_depth)
-        if score >= best_score:  # cannot pass nor beat the best fallback: skip the second view
-            continue
-        score = max(score, tissue_score(volume, boxes[1], tissue_threshold, cfg.tissue_depth))
-        if score <= cfg.tissue_max_fraction:
-            return boxes
-        if score < best_score:
-            best, best_score = int(t), score
-    return pair(best)
+    # every IoU-valid candidate scored at once: 16 integral-image lookups each
+    worst = _tissue_scores(volume, tissue_threshold, cfg, starts[valid], sizes[valid]).max(1)
+    ok = np.flatnonzero(worst <= cfg.tissue_max_fraction)
+    return pair(int(valid[ok[0]] if len(ok) else valid[np.argmin(worst)]))  # argmin: the first lowest
+
+
+# The integral of the last volume scored (per process, so per loader worker): the samples of one volume
+# (views.pairs_per_volume, or __call__ on the same volume) build it once. A weak reference, so the cache
+# never keeps a volume alive, and the tensor's version counter catches in-place changes.
+_TISSUE_CACHE: dict[str, Any] = {}
+
+
+def _tissue_scores(
+    volume: Tensor, threshold: float, cfg: ViewsConfig, starts: np.ndarray, sizes: np.ndarray
+) -> np.ndarray:
+    """:func:`tissue_score` of global boxes ``starts``, ``sizes`` (..., 3) of ``volume`` → (...,) float64."""
+    shape = np.asarray(volume.shape, dtype=np.int64)
+    # where any global box can lie: within the smallest border margin of any (clamped) crop size
+    table = np.minimum(np.asarray(cfg.global_crop_sizes, dtype=np.int64), shape)
+    lo = np.minimum(np.asarray(cfg.border, dtype=np.int64), (shape - table) // 2).min(0)
+    key = (volume._version, float(threshold), cfg.tissue_depth, tuple(lo.tolist()))
+    cached = _TISSUE_CACHE.get("volume")
+    if cached is None or cached() is not volume or _TISSUE_CACHE.get("key") != key:
+        _TISSUE_CACHE.clear()
+        integral = TissueIntegral(volume, threshold, cfg.tissue_depth, lo.tolist(), (shape - lo).tolist())
+        _TISSUE_CACHE.update(volume=weakref.ref(volume), key=key, integral=integral)
+    integral = _TISSUE_CACHE["integral"]
+    thin = sizes[..., 2] < cfg.tissue_depth  # only in volumes thinner than the depth: scored directly
+    scores = np.empty(thin.shape)
+    scores[~thin] = integral.scores(starts[~thin], sizes[~thin])
+    for i in zip(*np.nonzero(thin), strict=True):
+        scores[i] = tissue_score(volume, _box(starts[i], sizes[i]), threshold, cfg.tissue_depth)
+    return scores
 
 
 def sample_local_boxes(

@@ -16,7 +16,9 @@ from pcrl.views import (
     Box,
     PCRLv2Views,
     SpatialParams,
+    TissueIntegral,
     _blur,
+    _draw_boxes,
     _grid,
     _swap_permutation,
     box_iou,
@@ -182,6 +184,80 @@ def test_tissue_filter_rejects_tissue_dominated_crops():
     assert sample_global_pair(shape, off, np.random.default_rng(0), vol, 0.5) == sample_global_pair(
         shape, off, np.random.default_rng(0)
     )
+
+
+def test_tissue_integral_equals_exact_score_on_random_boxes():
+    """Pins the integral-image tissue score to :func:`tissue_score`: bit-identical at depth 2 and 3, within
+    1e-12 at depth 4 and 5, over random boxes down to depth-thin ones and at the region's edges."""
+    g = torch.Generator().manual_seed(3)
+    vol = (torch.rand(40, 36, 30, generator=g) < 0.3).float() * 0.4 + smooth_volume((40, 36, 30), 4) * 0.6
+    lo, hi = np.array([2, 3, 1]), np.array([38, 36, 29])
+    rng = np.random.default_rng(0)
+    for depth in (2, 3, 4, 5):
+        integral = TissueIntegral(vol, 0.45, depth, lo.tolist(), hi.tolist())
+        sizes = rng.integers([1, 1, depth], hi - lo + 1, size=(300, 3))
+        starts = rng.integers(lo, hi - sizes + 1)
+        fast = integral.scores(starts, sizes)
+        exact = np.array(
+            [
+                tissue_score(vol, Box(tuple(s), tuple(z)), 0.45, depth)
+                for s, z in zip(starts, sizes, strict=True)
+            ]
+        )
+        assert 0.05 < exact.mean() < 0.95  # the volume mixes tissue and air: the test has teeth
+        if depth <= 3:
+            assert np.array_equal(fast, exact)
+        else:
+            np.testing.assert_allclose(fast, exact, rtol=1e-12, atol=0)
+    # bfloat16 (the path CUDA tensors take) gives the same scores
+    bf = vol.bfloat16()
+    box = np.array([[2, 3, 1]]), np.array([[30, 20, 10]])
+    assert TissueIntegral(bf, 0.45, 3, lo.tolist(), hi.tolist()).scores(*box)[0] == tissue_score(
+        bf, Box((2, 3, 1), (30, 20, 10)), 0.45, 3
+    )
+
+
+@pytest.mark.parametrize("shape", [(160, 80, 48), (90, 70, 2)])
+def test_tissue_filter_selects_like_the_sequential_rule(shape):
+    """Pins the vectorised tissue filter to the rule it implements, scored box by box with tissue_score: the
+    first IoU-valid candidate whose two views pass, else the first valid one with the lowest worst score.
+    The (90, 70, 2) volume is thinner than tissue_depth (boxes scored directly)."""
+    # tissue on the lower half in x, patchy air above: a few % of the pairs pass (both branches are taken)
+    noise = torch.rand(shape, generator=torch.Generator().manual_seed(5))
+    vol = torch.where(torch.arange(shape[0])[:, None, None] < shape[0] // 2, 1.0, noise * 0.55)
+    cfg = tiny_cfg(max_tries=60)
+    table = np.asarray(cfg.global_crop_sizes)
+    fallbacks = 0
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        sizes = np.minimum(table[rng.integers(0, len(table), size=(cfg.max_tries, 2))], shape)
+        starts = _draw_boxes(np.asarray(shape), sizes, np.asarray(cfg.border), rng)
+        pairs = [
+            tuple(Box(tuple(s), tuple(z)) for s, z in zip(st, sz, strict=True))
+            for st, sz in zip(starts, sizes, strict=True)
+        ]
+        valid = [p for p in pairs if box_iou(*p) > cfg.min_iou]
+        worst = [max(tissue_score(vol, b, 0.5, cfg.tissue_depth) for b in p) for p in valid]
+        passing = [p for p, w in zip(valid, worst, strict=True) if w <= cfg.tissue_max_fraction]
+        expected = passing[0] if passing else valid[int(np.argmin(worst))]
+        fallbacks += not passing
+        got = sample_global_pair(shape, cfg, np.random.default_rng(seed), vol, 0.5)
+        assert got == expected, seed
+    assert 0 < fallbacks < 40  # both branches of the rule are exercised
+
+
+def test_tissue_filter_sees_in_place_changes_of_a_cached_volume():
+    """Pins the per-volume cache of the tissue integral: an in-place change of the volume (or another volume
+    of the same shape) is scored afresh, never from the integral of what the tensor held before."""
+    cfg = tiny_cfg()
+    vol = smooth_volume(SHAPE, 6)
+    first = [sample_global_pair(SHAPE, cfg, np.random.default_rng(s), vol, 0.5) for s in range(10)]
+    vol.mul_(0.2)  # now all air
+    after = [sample_global_pair(SHAPE, cfg, np.random.default_rng(s), vol, 0.5) for s in range(10)]
+    fresh = [sample_global_pair(SHAPE, cfg, np.random.default_rng(s), vol.clone(), 0.5) for s in range(10)]
+    assert after == fresh and after != first
+    other = smooth_volume(SHAPE, 6)
+    assert [sample_global_pair(SHAPE, cfg, np.random.default_rng(s), other, 0.5) for s in range(10)] == first
 
 
 def test_tissue_filter_terminates_on_all_tissue_volume():
