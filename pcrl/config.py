@@ -625,6 +625,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, dict | list):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return "" if value is None else str(value)
+    if origin is dict:
+        # Free-form string keys (a sweep's search space is keyed by dotted config keys).
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if origin in (tuple, list):
         if isinstance(value, str):
             value = _parse_inline_list(value, key)

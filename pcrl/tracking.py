@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ConsoleProgress", "Tracker", "default_tracking_uri", "format_duration"]
+__all__ = ["ConsoleProgress", "SweepTracker", "Tracker", "default_tracking_uri", "format_duration"]
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +204,131 @@ class Tracker:
 def _param_str(value: Any) -> str:
     text = json.dumps(value) if isinstance(value, list | dict | tuple) else str(value)
     return text[:_PARAM_MAX_LEN]
+
+
+class SweepTracker:
+    """The MLflow side of a sweep, on its driver: one parent run, every trial's run nested under it.
+
+    Trials open their own runs (a :class:`Tracker` inside :func:`pcrl.engine.train`, named by the trial id);
+    the driver finds them by name, tags them as children of the parent, and closes them with the trial's
+    outcome (a trial stopped early or failed cannot always close its own run). A trial that failed before
+    its run existed gets a run here, so every trial has one. MLflow failures are warned about once and
+    the sweep goes on. Picklable (Ray Tune saves its callbacks): the client is made again after unpickling.
+
+    Args:
+        uri: MLflow tracking URI.
+        experiment: MLflow experiment of the parent and the trials.
+    """
+
+    def __init__(self, uri: str, experiment: str) -> None:
+        self.uri = uri
+        self.experiment = experiment
+        self.run_id: str | None = None
+        self._client: Any = None
+        self._experiment_id: str | None = None
+        self._warned = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_client": None}
+
+    def _mlflow(self) -> Any:
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.uri)
+            exp = self._client.get_experiment_by_name(self.experiment)
+            self._experiment_id = (
+                exp.experiment_id if exp is not None else self._client.create_experiment(self.experiment)
+            )
+        return self._client
+
+    def _warn(self, what: str, e: Exception) -> None:
+        if not self._warned:
+            logger.warning("MLflow at %s: could not %s (%s); the sweep goes on", self.uri, what, e)
+            self._warned = True
+
+    def start(self, name: str, params: Mapping[str, Any], run_id: str | None = None) -> str | None:
+        """Open the parent run (or continue ``run_id``, a resumed sweep's) and log ``params`` to a new one."""
+        try:
+            client = self._mlflow()
+            if run_id is not None:
+                client.update_run(run_id, status="RUNNING")
+                self.run_id = run_id
+            else:
+                run = client.create_run(self._experiment_id, run_name=name, tags={"pcrl.kind": "sweep"})
+                self.run_id = run.info.run_id
+                self._params(self.run_id, params)
+        except Exception as e:
+            self._warn("start the sweep's parent run", e)
+        return self.run_id
+
+    def _params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, _param_str(v)) for k, v in sorted(params.items())]
+        for i in range(0, len(items), _PARAM_BATCH):
+            self._client.log_batch(run_id, params=items[i : i + _PARAM_BATCH])
+
+    def _child(self, trial: str, parent: str | None, params: Mapping[str, Any], create: bool) -> str | None:
+        client = self._mlflow()
+        runs = client.search_runs(
+            [self._experiment_id], filter_string=f"attributes.run_name = '{trial}'", max_results=1
+        )
+        if runs:
+            run_id = runs[0].info.run_id
+        elif create:
+            run_id = client.create_run(self._experiment_id, run_name=trial).info.run_id
+            self._params(run_id, params)
+        else:
+            return None
+        if parent:
+            client.set_tag(run_id, "mlflow.parentRunId", parent)
+        client.set_tag(run_id, "pcrl.trial", trial)
+        return run_id
+
+    def adopt(self, trial: str, parent: str | None, params: Mapping[str, Any]) -> None:
+        """Nest the run of ``trial`` under ``parent`` (once it has reported, so its run exists)."""
+        try:
+            self._child(trial, parent, params, create=False)
+        except Exception as e:
+            self._warn(f"nest the run of trial {trial}", e)
+
+    def close_trial(
+        self, trial: str, parent: str | None, params: Mapping[str, Any], status: str, tags: Mapping[str, str]
+    ) -> None:
+        """Give the run of ``trial`` its final ``status`` and ``tags``, creating it if the trial never did."""
+        try:
+            run_id = self._child(trial, parent, params, create=True)
+            for k, v in tags.items():
+                self._client.set_tag(run_id, k, v)
+            self._client.set_terminated(run_id, status=status)
+        except Exception as e:
+            self._warn(f"close the run of trial {trial}", e)
+
+    def log_best(
+        self, metric: str, value: float, params: Mapping[str, Any], trial: str, config: Path
+    ) -> None:
+        """Record the best result on the parent run: ``best/<metric>``, ``best.<key>`` tags, the trial, and
+        the best config file as an artifact."""
+        if self.run_id is None:
+            return
+        try:
+            self._client.log_metric(self.run_id, f"best/{metric}", value)
+            self._client.set_tag(self.run_id, "pcrl.best_trial", trial)
+            for k, v in params.items():
+                self._client.set_tag(self.run_id, f"best.{k}", _param_str(v))
+            self._client.log_artifact(self.run_id, str(config))
+        except Exception as e:
+            self._warn("log the best result", e)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Close the parent run with ``status``."""
+        if self.run_id is None or self._client is None:
+            return
+        try:
+            self._client.set_terminated(self.run_id, status=status)
+        except Exception as e:
+            self._warn("close the sweep's parent run", e)
 
 
 def format_duration(seconds: float) -> str:
