@@ -14,8 +14,9 @@ launcher, signal the training processes themselves or the whole process group, n
 ``deepspeed`` process dies of a signal and leaves the training running, and its per-node process passes
 SIGTERM on (then exits 1, whatever the training's status) but dies of SIGUSR1 and reports 0.
 
-Exit status: 0 done, 2 bad config or command line, 3 non-finite loss, 75 preempted (checkpoint saved,
-relaunch to continue).
+Exit status: 0 done, 2 bad config or command line, 3 non-finite loss, 4 too many unreadable volumes
+(data.bad_volumes, data.max_bad_fraction), 5 a checkpoint could not be written (full disk; the previous one
+is intact), 75 preempted (checkpoint saved, relaunch to continue).
 """
 
 from __future__ import annotations
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
 
+    from pcrl.checkpoint import CheckpointWriteError
+    from pcrl.data import BadDataError
     from pcrl.engine import NonFiniteLossError, Preempted, configure_logging, train
 
     configure_logging()
@@ -108,15 +111,27 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"pretrain: stopped: {e}", file=sys.stderr)
         return 3
+    except BadDataError as e:
+        print(f"pretrain: stopped: {BadDataError.message(e)}", file=sys.stderr)
+        return 4
+    except CheckpointWriteError as e:
+        print(f"pretrain: stopped: {e}", file=sys.stderr)
+        return 5
     except Preempted as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"pretrain: preempted: {e}; launch the same command again to continue", file=sys.stderr)
         return EXIT_PREEMPTED
     finally:
+        import gc
+
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+        # The run's frames (and its loader, whose workers ignore SIGTERM so that a preemption signal to the
+        # process group cannot kill them) may sit in reference cycles after an error. Free them now, so the
+        # loader shuts its workers down itself: at exit, multiprocessing would SIGTERM them and wait forever.
+        gc.collect()
 
     if os.environ.get("RANK", "0") == "0":
         print(summary(cfg, metrics))

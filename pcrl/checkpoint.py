@@ -28,12 +28,15 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from pcrl import distributed
 from pcrl.config import ConfigError, PretrainConfig, save_config
 from pcrl.io import write_atomic
 
 __all__ = [
     "MANIFEST_NAME",
+    "CheckpointWriteError",
     "checkpoint_dir",
     "checkpoint_step",
     "checkpoint_tag",
@@ -47,6 +50,10 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 _TAG = re.compile(r"step_(\d{8,})")
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, I/O error); the previous one is left intact."""
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -160,17 +167,52 @@ def save_checkpoint(
         shutil.rmtree(tag_dir)
     distributed.barrier()
     state = {**client_state, "ranks": distributed.all_gather_object(rank_state)}
-    # DeepSpeed's own 'latest' file is written non-atomically and before every rank is done: write ours.
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=False)
-    distributed.barrier()
+    try:
+        # DeepSpeed's own 'latest' file is written non-atomically and before every rank is done: write ours.
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=False)
+        distributed.barrier()
+        if distributed.is_main():
+            save_config(cfg, tag_dir / "config.yaml")
+            _write_manifest(tag_dir)
+            write_atomic(ckpt_dir / "latest", tag)
+    except (OSError, RuntimeError) as e:
+        # torch.save reports a failed write (ENOSPC included) as a plain RuntimeError; a failed collective
+        # is a DistError and not a storage fault.
+        if isinstance(e, torch.distributed.DistError):
+            raise
+        # A full disk or an I/O error: `latest` still names the previous checkpoint, which nothing touched.
+        # The partial tag goes, to give the space back; a relaunch resumes from the previous one.
+        if distributed.is_main():
+            shutil.rmtree(tag_dir, ignore_errors=True)
+        previous = _previous(ckpt_dir)
+        raise CheckpointWriteError(
+            f"could not write checkpoint {tag_dir}: {_why(e)}; "
+            + (
+                f"the previous checkpoint {previous} is intact and a relaunch resumes from it"
+                if previous
+                else "no earlier checkpoint exists"
+            )
+            + ". Free space on that filesystem (or set run.output_dir elsewhere) and launch again"
+        ) from e
     if distributed.is_main():
-        save_config(cfg, tag_dir / "config.yaml")
-        _write_manifest(tag_dir)
-        write_atomic(ckpt_dir / "latest", tag)
         _prune(ckpt_dir, cfg.train.keep_checkpoints)
         logger.info("saved checkpoint %s", tag_dir)
     distributed.barrier()
     return tag_dir
+
+
+def _why(error: Exception) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror} ({error.filename})" if error.filename else error.strerror
+    return str(error).splitlines()[0]
+
+
+def _previous(ckpt_dir: Path) -> Path | None:
+    pointer = ckpt_dir / "latest"
+    try:
+        return ckpt_dir / pointer.read_text().strip()
+    except OSError:
+        return None
 
 
 def _pick_tag(run_dir: Path) -> tuple[str | None, str | None]:

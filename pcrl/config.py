@@ -91,6 +91,12 @@ class DataConfig:
     """Loader worker processes per rank (0 = load in the training process)."""
     prefetch_factor: int = 2
     """Batches prefetched per worker."""
+    bad_volumes: str = "skip"
+    """An unreadable volume (missing or truncated shard, corrupt bytes, non-finite voxels): ``skip`` reports it
+    with its shard and key, counts it and trains on the next volume in its place; ``fail`` stops the run."""
+    max_bad_fraction: float = 0.01
+    """With ``bad_volumes=skip``, stop the run once the unreadable volumes one loader worker has met pass this
+    fraction of its share of an epoch (so the run as a whole never skips more than about this fraction)."""
 
     def __post_init__(self) -> None:
         _check(
@@ -105,6 +111,16 @@ class DataConfig:
         )
         _check(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
         _check(self.prefetch_factor >= 1, "data.prefetch_factor", f"must be >= 1, got {self.prefetch_factor}")
+        _check(
+            self.bad_volumes in ("skip", "fail"),
+            "data.bad_volumes",
+            f"must be skip or fail, got {self.bad_volumes!r}",
+        )
+        _check(
+            0.0 <= self.max_bad_fraction < 1.0,
+            "data.max_bad_fraction",
+            f"must be in [0, 1), got {self.max_bad_fraction}",
+        )
 
 
 @dataclass
@@ -401,6 +417,9 @@ class TrackingConfig:
     """MLflow experiment name."""
     enabled: bool = True
     """Log to MLflow (``metrics.jsonl`` in the run folder is always written)."""
+    retry_s: float = 60.0
+    """While the MLflow server is unreachable, try again (and send what it missed) every N seconds; records
+    wait in ``metrics.jsonl`` meanwhile."""
     sample_keys: bool = False
     """Record which volume keys each rank trained on at each step (``sample_keys/rank<r>.jsonl``), to audit
     the data a run saw."""
@@ -416,6 +435,7 @@ class TrackingConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.experiment), "tracking.experiment", "must not be empty")
+        _check(self.retry_s > 0, "tracking.retry_s", f"must be > 0, got {self.retry_s}")
         _check(self.image_every >= 0, "tracking.image_every", f"must be >= 0, got {self.image_every}")
         _check(
             2 <= self.image_volumes <= 8,

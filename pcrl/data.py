@@ -44,6 +44,7 @@ __all__ = [
     "MANIFEST_KEYS",
     "MANIFEST_NAME",
     "META_SUFFIX",
+    "BadDataError",
     "SampleRecord",
     "ViewLoader",
     "VolumeStream",
@@ -101,7 +102,8 @@ def encode_volume(array: np.ndarray) -> tuple[bytes, str]:
     np.lib.format.write_array(buf, np.ascontiguousarray(array), version=(1, 0), allow_pickle=False)
     raw = buf.getvalue()
     key = hashlib.sha256(raw).hexdigest()[:16]
-    return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(raw), key
+    # The frame checksum (xxhash64, nearly free) makes a flipped bit in a shard fail the decode.
+    return zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).compress(raw), key
 
 
 def decode_volume(data: bytes) -> np.ndarray:
@@ -110,6 +112,16 @@ def decode_volume(data: bytes) -> np.ndarray:
 
     raw = zstandard.ZstdDecompressor().decompress(data)
     return np.load(io.BytesIO(raw), allow_pickle=False)
+
+
+class BadDataError(ValueError):
+    """Unreadable volumes beyond what ``data.bad_volumes`` / ``data.max_bad_fraction`` allow; the message
+    names the shard and the key."""
+
+    @staticmethod
+    def message(error: BaseException) -> str:
+        """The message alone, without the worker traceback a DataLoader wraps around a worker's error."""
+        return str(error).rsplit("BadDataError: ", 1)[-1].strip()
 
 
 # --- manifest ---------------------------------------------------------------------------------------
@@ -152,9 +164,15 @@ class SampleRecord:
         spacing = tuple(float(v) for v in line["spacing"])
         if len(shape) != 3 or len(spacing) != 3:
             raise ValueError(f"shape and spacing must have 3 values, got {list(shape)} and {list(spacing)}")
+        shard = Path(os.path.abspath(root / str(line["shard"])))
+        if not shard.is_relative_to(os.path.abspath(root)):
+            # A manifest names files of its own folder; one that points elsewhere is damaged or hostile.
+            raise ValueError(
+                f"shard {line['shard']!r} lies outside the manifest's folder; refusing to read it"
+            )
         return cls(
             key=str(line["key"]),
-            shard=Path(os.path.abspath(root / str(line["shard"]))),
+            shard=shard,
             offset=int(line["offset"]),
             size=int(line["size"]),
             meta_offset=int(line["meta_offset"]),
@@ -471,6 +489,11 @@ class VolumeStream(torch.utils.data.IterableDataset):
             uninterrupted loader's worker would be (see :meth:`worker_positions`). Excludes ``start``.
         batch_size: the DataLoader's batch size (what ``start_batches`` counts in).
         verify: check each volume's checksum while reading.
+        bad_volumes: what an unreadable volume (missing or truncated shard, corrupt bytes, non-finite voxels)
+            does: ``fail`` raises :class:`BadDataError`; ``skip`` reports it with its shard and key, counts
+            it, and reads the next volume of the consumer's share in its place.
+        max_bad_fraction: with ``skip``, raise :class:`BadDataError` once the unreadable volumes one consumer
+            has met pass this fraction of its share of an epoch.
     """
 
     def __init__(
@@ -488,8 +511,16 @@ class VolumeStream(torch.utils.data.IterableDataset):
         start_batches: int = 0,
         batch_size: int = 1,
         verify: bool = False,
+        bad_volumes: str = "fail",
+        max_bad_fraction: float = 0.0,
     ) -> None:
         super().__init__()
+        if bad_volumes not in ("skip", "fail"):
+            raise ValueError(f"bad_volumes must be skip or fail, got {bad_volumes!r}")
+        self.bad_volumes = bad_volumes
+        self.max_bad_fraction = float(max_bad_fraction)
+        self._bad: set[str] = set()
+        """Keys of the unreadable volumes this consumer has met (each reported and counted once)."""
         if not records:
             raise ValueError("VolumeStream needs at least one volume")
         if not 0 <= rank < world_size:
@@ -586,11 +617,8 @@ class VolumeStream(torch.utils.data.IterableDataset):
             epoch, cursor, first_pair = at["epoch"], at["cursor"], at["pair"]
         while True:
             indices = self.epoch_indices(epoch, consumer, consumers)
-            for done, (position, index) in enumerate(indices[cursor:], start=cursor + 1):
-                record = self.records[index]
-                array, _ = read_volume(record, verify=self.verify)
-                volume = to_unit_range(array, record.modality, self.ct_window)
-                del array
+            for done, (position, _) in enumerate(indices[cursor:], start=cursor + 1):
+                record, volume = self._read_readable(indices, done - 1)
                 threshold = _threshold_to_unit(self.tissue_threshold_hu, record.modality, self.ct_window)
                 for pair in range(first_pair, self.pairs_per_volume):
                     sample = self.transform(volume, _sample_seed(self.seed, epoch, position, pair), threshold)
@@ -601,6 +629,63 @@ class VolumeStream(torch.utils.data.IterableDataset):
                     yield sample
                 first_pair = 0
             epoch, cursor = epoch + 1, 0
+
+    def _read_readable(
+        self, indices: Sequence[tuple[int, int]], at: int
+    ) -> tuple[SampleRecord, torch.Tensor]:
+        """The volume at ``indices[at]`` in [0, 1], or, when it is unreadable, the next readable one of this
+        consumer's share (cyclically): every position still yields its samples, so positions and resumes stay
+        exact. An unreadable volume is reported once with its shard and key, and counted.
+
+        Raises:
+            BadDataError: ``bad_volumes="fail"``, or this consumer's unreadable volumes pass
+                ``max_bad_fraction`` of its share.
+        """
+        for k in range(len(indices)):
+            record = self.records[indices[(at + k) % len(indices)][1]]
+            if record.key in self._bad:
+                continue
+            try:
+                array, _ = read_volume(record, verify=self.verify)
+                if array.dtype.kind == "f" and not np.isfinite(array).all():
+                    raise ValueError(
+                        f"{record.shard}: volume {record.key} holds {int(np.size(array) - np.isfinite(array).sum())} "
+                        "non-finite voxels (NaN/inf)"
+                    )
+            except (OSError, ValueError) as e:
+                self._skip(record, e, share=len(indices))
+                continue
+            volume = to_unit_range(array, record.modality, self.ct_window)
+            return record, volume
+        raise BadDataError(
+            f"no readable volume left in this loader's share of {len(indices)}; see the warnings above"
+        )
+
+    def _skip(self, record: SampleRecord, error: Exception, share: int) -> None:
+        reason = str(error)
+        if record.key not in reason:
+            reason = f"volume {record.key}: {reason}"
+        if str(record.shard) not in reason:
+            reason = f"{record.shard}: {reason}"
+        if self.bad_volumes == "fail":
+            raise BadDataError(f"{reason} (data.bad_volumes=fail; set it to skip to train on without it)")
+        self._bad.add(record.key)
+        limit = self.max_bad_fraction * share
+        logger.warning(
+            "skipping unreadable volume %s of shard %s: %s (%d unreadable of this loader's %d volumes, limit %.3g)",
+            record.key,
+            record.shard,
+            reason,
+            len(self._bad),
+            share,
+            limit,
+        )
+        if len(self._bad) > limit:
+            raise BadDataError(
+                f"{len(self._bad)} of the {share} volumes of one loader are unreadable, more than "
+                f"data.max_bad_fraction={self.max_bad_fraction} allows (last: {reason}); check or re-shard "
+                "the data (python -m data_prep.shard), or raise data.max_bad_fraction"
+            )
 
     def loader_state(self, batches: int, num_workers: int) -> dict[str, Any]:
         """The data position a checkpoint records for a loader with ``num_workers`` workers that has handed
@@ -745,6 +830,8 @@ def build_loader(
         tissue_threshold_hu=cfg.views.tissue_threshold_hu if cfg.views.tissue_filter else None,
         start_batches=start_batches,
         batch_size=cfg.train.micro_batch_size,
+        bad_volumes=cfg.data.bad_volumes,
+        max_bad_fraction=cfg.data.max_bad_fraction,
     )
     workers = cfg.data.num_workers
     # Fail here, in the training process, rather than inside a worker.

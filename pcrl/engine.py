@@ -395,8 +395,9 @@ def _train(cfg: PretrainConfig, reporter: Reporter | None, stop: _StopSignals) -
         cfg.tracking.experiment,
         enabled=cfg.tracking.enabled,
         main=distributed.is_main(),
+        retry_s=cfg.tracking.retry_s,
     )
-    run_id = tracker.start(cfg.run.name, flatten_config(cfg), run_id=run_id)
+    tracker.start(cfg.run.name, flatten_config(cfg), run_id=run_id)
     if distributed.is_main():
         tracker.log_artifact(run_dir / "config.yaml")
     console = ConsoleProgress(cfg.train.max_steps, start_step, enabled=distributed.is_main())
@@ -499,7 +500,8 @@ def _train(cfg: PretrainConfig, reporter: Reporter | None, stop: _StopSignals) -
             ):
                 shared = {
                     "step": step,
-                    "mlflow_run_id": run_id,
+                    # Rank 0's (the state DeepSpeed saves); set late when MLflow was down at the start.
+                    "mlflow_run_id": tracker.run_id,
                     "config_hash": config_hash(cfg),
                     "config": config_to_dict(cfg),
                 }

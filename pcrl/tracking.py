@@ -1,12 +1,20 @@
 """Run tracking: MLflow (rank 0), ``metrics.jsonl`` in the run folder, and the console line.
 
-This is the only module that imports ``mlflow``. Every record sent to MLflow is first appended to
-``metrics.jsonl``, so an MLflow outage loses nothing; MLflow failures are reported once and training
-goes on.
+This is the only module that imports ``mlflow``. Every record is first appended to ``metrics.jsonl``, so an
+MLflow outage loses nothing. When the MLflow server is unreachable (at the start or in the middle of a run)
+training goes on: one warning says so, the tracker tries again every ``tracking.retry_s`` seconds, and once
+the server answers it sends every record the MLflow run lacks (judged per metric and step, so nothing is
+sent twice). A run that ended during an outage is brought up to date afterwards with::
+
+    python -m pcrl.tracking sync RUN_DIR [--uri URI]
+
+which is idempotent. The MLflow run id of a run folder is kept in ``<run_dir>/mlflow_run.json`` (one entry
+per tracking URI), so a relaunch, a late reconnection and the sync command all continue the same run.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import logging
@@ -14,22 +22,30 @@ import math
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ConsoleProgress", "SweepTracker", "Tracker", "default_tracking_uri", "format_duration"]
+from pcrl.io import write_atomic
+
+__all__ = ["ConsoleProgress", "SweepTracker", "Tracker", "default_tracking_uri", "format_duration", "main"]
 
 logger = logging.getLogger(__name__)
 
 # MLflow 3 reports usage to its vendor by default. Hospital networks and clusters must not phone home
 # unasked: off unless the user sets the variable themselves.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# MLflow's HTTP client retries a failed request 7 times with exponential backoff (minutes) by default.
+# Training must not stall on a dead server: fail fast, the tracker retries on its own schedule.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 # MLflow parameters: at most 100 per batch call, values at most 6000 characters (MLflow's limits).
 _PARAM_BATCH = 100
 _PARAM_MAX_LEN = 6000
 _METRIC_BATCH = 1000
+RUN_FILE = "mlflow_run.json"
+"""Run-folder file mapping each tracking URI to the MLflow run id of this run folder."""
 
 
 def default_tracking_uri(run_dir: Path) -> str:
@@ -41,9 +57,9 @@ class Tracker:
     """Metrics to ``metrics.jsonl`` and (on rank 0, when enabled) to an MLflow run.
 
     Each step is recorded once. A resumed run recomputes the steps after its checkpoint; the records of
-    steps that ``metrics.jsonl`` already holds are not written again, here or to MLflow, and records that
+    steps that ``metrics.jsonl`` already holds are not written again, here or to MLflow. Records that
     reached ``metrics.jsonl`` but not MLflow (a kill in between, an MLflow outage) are sent when the run is
-    continued.
+    continued or the server is back.
 
     Args:
         run_dir: the run folder; ``metrics.jsonl`` is appended there.
@@ -51,49 +67,60 @@ class Tracker:
         experiment: MLflow experiment name.
         enabled: log to MLflow at all (False with ``tracking.enabled=false``).
         main: this process keeps the records (rank 0); on other ranks the tracker does nothing.
+        retry_s: while MLflow is unreachable, try again at the first log call this many seconds after the
+            last failure.
     """
 
     def __init__(
-        self, run_dir: Path, uri: str, experiment: str, enabled: bool = True, main: bool = True
+        self,
+        run_dir: Path,
+        uri: str,
+        experiment: str,
+        enabled: bool = True,
+        main: bool = True,
+        retry_s: float = 60.0,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.uri = uri or default_tracking_uri(self.run_dir)
         self.experiment = experiment
         self.main = main
         self.enabled = enabled and main
+        self.retry_s = retry_s
         self.run_id: str | None = None
         self.last_step = 0
         """The last step recorded in ``metrics.jsonl`` (read by :meth:`start`)."""
         self._client: Any = None
         self._jsonl = self.run_dir / "metrics.jsonl"
-        self._warned = False
+        self._run_name = self.run_dir.name
+        self._params: dict[str, Any] = {}
+        self._params_sent = True
+        self._behind = True
+        """``metrics.jsonl`` may hold records the MLflow run lacks (checked at the next connection)."""
+        self._failed_at: float | None = None
+        """``time.monotonic()`` of the last failed MLflow call; None while connected."""
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self, run_name: str, params: Mapping[str, Any], run_id: str | None = None) -> str | None:
-        """Open (or, with ``run_id``, continue) the MLflow run and log ``params``; returns the run id."""
+        """Open (or continue) the MLflow run, log ``params`` to a new run, and send the records of
+        ``metrics.jsonl`` it lacks; returns the run id (None while MLflow is unreachable or disabled).
+
+        The run continued is the one ``mlflow_run.json`` records for this URI, else ``run_id`` (from a
+        checkpoint), else a new one.
+        """
         records = self._read_records() if self.main else []
         self.last_step = max((int(r["step"]) for r in records), default=0)
         if not self.enabled:
             return None
-        try:
-            self._client = self._make_client()
-            if run_id is None:
-                experiment_id = self._experiment_id()
-                run = self._client.create_run(experiment_id, run_name=run_name)
-                self.run_id = run.info.run_id
-                self._log_params(params)
-            else:
-                self.run_id = run_id
-                self._client.update_run(run_id, status="RUNNING")
-                self._send_missing(records)
-        except Exception as e:  # any MLflow/backend failure must not stop training
-            self._fail(f"could not start the MLflow run at {self.uri}: {e}")
+        self._run_name, self._params = run_name, dict(params)
+        self.run_id = self._saved_run().get("run_id") or run_id
+        self._connect(running=True)
         return self.run_id
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Append one record to ``metrics.jsonl`` and send it to MLflow (non-finite values are kept in
         the JSONL as strings and not sent to MLflow, which rejects them). A step already recorded (a
-        resumed run recomputing the steps after its checkpoint) is skipped."""
+        resumed run recomputing the steps after its checkpoint) is skipped. While MLflow is unreachable the
+        record waits in ``metrics.jsonl`` and goes with the next successful connection."""
         if not self.main or step <= self.last_step:
             return
         self.last_step = step
@@ -102,16 +129,20 @@ class Tracker:
             record[k] = float(v) if math.isfinite(float(v)) else str(float(v))
         with self._jsonl.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self._client is None or self.run_id is None:
+        if not self.enabled:
+            return
+        if self._client is None:
+            self._retry()
             return
         try:
-            self._client.log_batch(self.run_id, metrics=self._metric_batch(record))
+            self._client.log_batch(self.run_id, metrics=_metric_batch(record))
         except Exception as e:
             self._fail(f"could not log metrics to MLflow at {self.uri}: {e}")
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        """Upload a file to the MLflow run (no-op when MLflow is off)."""
-        if self._client is None or self.run_id is None:
+        """Upload a file to the MLflow run (skipped while MLflow is off or unreachable; the file stays in the
+        run folder and ``python -m pcrl.tracking sync`` uploads it later)."""
+        if self._client is None:
             return
         try:
             self._client.log_artifact(self.run_id, str(path), artifact_path)
@@ -119,15 +150,131 @@ class Tracker:
             self._fail(f"could not upload {path} to MLflow at {self.uri}: {e}")
 
     def finish(self, status: str = "FINISHED") -> None:
-        """Close the MLflow run with ``status`` (FINISHED, FAILED or KILLED)."""
-        if self._client is None or self.run_id is None:
+        """Close the MLflow run with ``status`` (FINISHED, FAILED or KILLED), after one last attempt to send
+        what MLflow lacks. If it is still unreachable, the status is kept in ``mlflow_run.json`` for
+        ``python -m pcrl.tracking sync``."""
+        if not self.enabled:
+            return
+        if self._client is None and not self._connect(running=False):
+            self._save_run(status=status)
+            logger.warning(
+                "MLflow at %s is still unreachable at the end of the run; every record is in %s. Once it is "
+                "back, send them with: python -m pcrl.tracking sync %s",
+                self.uri,
+                self._jsonl,
+                self.run_dir,
+            )
             return
         try:
             self._client.set_terminated(self.run_id, status=status)
+            self._save_run(status=None)
         except Exception as e:
+            self._save_run(status=status)
             self._fail(f"could not close the MLflow run at {self.uri}: {e}")
 
-    # -- internals -------------------------------------------------------------------------------
+    def sync(self, run_name: str, params: Mapping[str, Any]) -> int:
+        """Bring the MLflow run of this run folder up to date with ``metrics.jsonl`` and the files of the run
+        folder (config, reconstruction panels), creating the run if it never reached this URI, and apply the
+        final status a run that ended during an outage left behind. Idempotent.
+
+        Args:
+            run_name: the MLflow run name, if the run has to be created.
+            params: the params of a created run (the flattened config).
+
+        Returns:
+            The number of metric values sent.
+
+        Raises:
+            RuntimeError: MLflow at the URI could not be reached (names it).
+        """
+        self.last_step = max((int(r["step"]) for r in self._read_records()), default=0)
+        self._run_name, self._params = run_name, dict(params)
+        saved = self._saved_run()
+        self.run_id = saved.get("run_id")
+        sent = self._connect(running=False, raise_errors=True)
+        if saved.get("status"):
+            self._client.set_terminated(self.run_id, status=saved["status"])
+            self._save_run(status=None)
+        return sent
+
+    # -- connection ------------------------------------------------------------------------------
+    def _retry(self) -> None:
+        if self._failed_at is None or time.monotonic() - self._failed_at >= self.retry_s:
+            self._connect(running=True)
+
+    def _connect(self, running: bool, raise_errors: bool = False) -> int:
+        """Open the client and the run (creating it when this URI has none for the run folder), log the
+        params of a new run and send what the run lacks. Returns the number of metric values sent (>= 0), or
+        -1 when MLflow could not be reached (warned once per outage)."""
+        try:
+            client = self._make_client()
+            if self.run_id is None:
+                run = client.create_run(self._experiment_id(client), run_name=self._run_name)
+                self.run_id = run.info.run_id
+                self._params_sent = False
+                self._save_run(status=None)
+            elif running:
+                client.update_run(self.run_id, status="RUNNING")
+            if not self._params_sent:
+                _log_params(client, self.run_id, self._params)
+                self._params_sent = True
+            sent = 0
+            if self._behind:
+                sent = _send_missing(client, self.run_id, self._read_records())
+                _send_missing_files(client, self.run_id, self.run_dir)
+                self._behind = False
+        except Exception as e:
+            if raise_errors:
+                raise RuntimeError(f"could not reach MLflow at {self.uri}: {e}") from e
+            self._fail(f"could not reach MLflow at {self.uri}: {e}")
+            return -1
+        if self._failed_at is not None:
+            logger.warning(
+                "MLflow at %s is reachable again; sent the %d metric values it missed", self.uri, sent
+            )
+        elif sent:
+            logger.info("sent %d metric values from %s that MLflow did not have", sent, self._jsonl)
+        self._client, self._failed_at = client, None
+        return sent
+
+    def _fail(self, message: str) -> None:
+        # Warn once per outage; metrics.jsonl keeps every record, so nothing is lost.
+        if self._failed_at is None:
+            logger.warning(
+                "%s; training goes on, every record stays in %s and is sent when MLflow answers again "
+                "(tried every tracking.retry_s=%g s; afterwards: python -m pcrl.tracking sync %s)",
+                message,
+                self._jsonl,
+                self.retry_s,
+                self.run_dir,
+            )
+        else:
+            logger.debug("%s", message)
+        self._client, self._failed_at, self._behind = None, time.monotonic(), True
+
+    # -- run folder ------------------------------------------------------------------------------
+    def _saved_run(self) -> dict[str, Any]:
+        path = self.run_dir / RUN_FILE
+        try:
+            runs = json.loads(path.read_text())["runs"]
+        except FileNotFoundError:
+            return {}
+        except (ValueError, KeyError, TypeError) as e:
+            logger.warning("%s is unreadable (%s); a new MLflow run will be created", path, e)
+            return {}
+        entry = runs.get(self.uri, {})
+        return entry if isinstance(entry, dict) else {}
+
+    def _save_run(self, status: str | None) -> None:
+        path = self.run_dir / RUN_FILE
+        try:
+            runs = json.loads(path.read_text())["runs"]
+        except (OSError, ValueError, KeyError, TypeError):
+            runs = {}
+        runs[self.uri] = {"run_id": self.run_id, "experiment": self.experiment, "status": status}
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps({"runs": runs}, indent=1, sort_keys=True) + "\n")
+
     def _read_records(self) -> list[dict[str, Any]]:
         """The records of ``metrics.jsonl``; a last line cut short by a kill is dropped from the file."""
         if not self._jsonl.is_file():
@@ -143,31 +290,10 @@ class Tracker:
             logger.warning(
                 "%s: dropping %d incomplete line(s) at its end", self._jsonl, len(lines) - len(records)
             )
-            tmp = self._jsonl.with_name(f".{self._jsonl.name}.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-            tmp.replace(self._jsonl)
+            write_atomic(self._jsonl, "".join(json.dumps(r) + "\n" for r in records))
         return records
 
-    @staticmethod
-    def _metric_batch(record: Mapping[str, Any]) -> list[Any]:
-        from mlflow.entities import Metric
-
-        ts, step = int(record["time"] * 1000), int(record["step"])
-        values = {k: v for k, v in record.items() if k not in ("step", "time") and isinstance(v, int | float)}
-        return [Metric(k, float(v), ts, step) for k, v in values.items() if math.isfinite(float(v))]
-
-    def _send_missing(self, records: list[dict[str, Any]]) -> None:
-        """Send the records whose step the MLflow run lacks (judged by the first metric of the last record)."""
-        if not records:
-            return
-        key = next(k for k in records[-1] if k not in ("step", "time"))
-        logged = {m.step for m in self._client.get_metric_history(self.run_id, key)}
-        missing = [m for r in records if int(r["step"]) not in logged for m in self._metric_batch(r)]
-        for i in range(0, len(missing), _METRIC_BATCH):
-            self._client.log_batch(self.run_id, metrics=missing[i : i + _METRIC_BATCH])
-        if missing:
-            logger.info("sent %d metric values from %s that MLflow did not have", len(missing), self._jsonl)
-
+    # -- MLflow ----------------------------------------------------------------------------------
     def _make_client(self) -> Any:
         for name in ("alembic", "mlflow.store.db.utils"):
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -175,8 +301,8 @@ class Tracker:
 
         return MlflowClient(tracking_uri=self.uri)
 
-    def _experiment_id(self) -> str:
-        exp = self._client.get_experiment_by_name(self.experiment)
+    def _experiment_id(self, client: Any) -> str:
+        exp = client.get_experiment_by_name(self.experiment)
         if exp is not None:
             return exp.experiment_id
         artifact_location = None
@@ -184,21 +310,48 @@ class Tracker:
             # A local store keeps its artifacts beside it, inside the run folder, not in the cwd.
             db = Path(self.uri.removeprefix("sqlite:///"))
             artifact_location = (db.parent / "mlartifacts").resolve().as_uri()
-        return self._client.create_experiment(self.experiment, artifact_location=artifact_location)
+        return client.create_experiment(self.experiment, artifact_location=artifact_location)
 
-    def _log_params(self, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
 
-        items = [Param(k, _param_str(v)) for k, v in sorted(params.items())]
-        for i in range(0, len(items), _PARAM_BATCH):
-            self._client.log_batch(self.run_id, params=items[i : i + _PARAM_BATCH])
+def _metric_batch(record: Mapping[str, Any]) -> list[Any]:
+    from mlflow.entities import Metric
 
-    def _fail(self, message: str) -> None:
-        # Warn once; metrics.jsonl keeps every record, so nothing is lost.
-        if not self._warned:
-            logger.warning("%s; training goes on and metrics stay in %s", message, self._jsonl)
-            self._warned = True
-        self._client = None
+    ts, step = int(record["time"] * 1000), int(record["step"])
+    values = {k: v for k, v in record.items() if k not in ("step", "time") and isinstance(v, int | float)}
+    return [Metric(k, float(v), ts, step) for k, v in values.items() if math.isfinite(float(v))]
+
+
+def _send_missing(client: Any, run_id: str, records: Sequence[Mapping[str, Any]]) -> int:
+    """Send the (metric, step) values of ``records`` that the MLflow run lacks; returns how many."""
+    metrics = [m for r in records for m in _metric_batch(r)]
+    have = {
+        k: {m.step for m in client.get_metric_history(run_id, k)} for k in sorted({m.key for m in metrics})
+    }
+    missing = [m for m in metrics if m.step not in have[m.key]]
+    for i in range(0, len(missing), _METRIC_BATCH):
+        client.log_batch(run_id, metrics=missing[i : i + _METRIC_BATCH])
+    return len(missing)
+
+
+def _send_missing_files(client: Any, run_id: str, run_dir: Path) -> None:
+    """Upload the run folder's config and reconstruction panels that the MLflow run lacks."""
+    wanted = [(run_dir / "config.yaml", None), *((p, "images") for p in sorted(run_dir.glob("images/*.png")))]
+    listed: dict[str | None, set[str]] = {}
+    for path, folder in wanted:
+        if not path.is_file():
+            continue
+        if folder not in listed:
+            listed[folder] = {Path(f.path).name for f in client.list_artifacts(run_id, folder)}
+        if path.name not in listed[folder]:
+            client.log_artifact(run_id, str(path), folder)
+
+
+def _log_params(client: Any, run_id: str, params: Mapping[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, _param_str(v)) for k, v in sorted(params.items())]
+    for i in range(0, len(items), _PARAM_BATCH):
+        client.log_batch(run_id, params=items[i : i + _PARAM_BATCH])
 
 
 def _param_str(value: Any) -> str:
@@ -397,3 +550,49 @@ class ConsoleProgress:
 
     def close(self) -> None:
         self._bar.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pcrl.tracking sync RUN_DIR [--uri URI]``: send a run folder's records to MLflow."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pcrl.tracking",
+        description="Send what an MLflow run lacks from its run folder (after an outage). Idempotent.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sync = sub.add_parser("sync", help="bring the MLflow run of RUN_DIR up to date with its metrics.jsonl")
+    sync.add_argument("run_dir", type=Path, help="the run folder (holds config.yaml and metrics.jsonl)")
+    sync.add_argument("--uri", default=None, help="MLflow tracking URI (default: the run's tracking.uri)")
+    sync.add_argument("--experiment", default=None, help="experiment name (default: the run's)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+    from pcrl.config import ConfigError, flatten_config, load_config
+
+    run_dir: Path = args.run_dir
+    config = run_dir / "config.yaml"
+    if not (run_dir / "metrics.jsonl").is_file():
+        print(f"pcrl.tracking: error: {run_dir} has no metrics.jsonl; give a run folder", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(config)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"pcrl.tracking: error: {config}: {e}", file=sys.stderr)
+        return 2
+    tracker = Tracker(
+        run_dir,
+        args.uri if args.uri is not None else cfg.tracking.uri,
+        args.experiment or cfg.tracking.experiment,
+    )
+    try:
+        sent = tracker.sync(cfg.run.name, flatten_config(cfg))
+    except RuntimeError as e:
+        print(f"pcrl.tracking: error: {e}; is the server up? (nothing was changed)", file=sys.stderr)
+        return 1
+    print(
+        f"{run_dir}: MLflow run {tracker.run_id} at {tracker.uri} is up to date ({sent} metric values sent)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

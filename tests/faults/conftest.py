@@ -1,0 +1,126 @@
+"""Fault-injection helpers: a real MLflow server that a test stops and restarts, and a launched run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from test_pretrain import REPO, TINY, _env
+
+from pcrl.distributed import free_port
+
+
+class MlflowServer:
+    """``mlflow server`` on 127.0.0.1 with a sqlite store in ``folder``; started and stopped by PID, on the
+    same port each time (a restart is the same server coming back)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.log = folder / "mlflow-server.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 180.0) -> None:
+        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd += ["--workers", "1", "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}"]
+        cmd += ["--artifacts-destination", str(self.folder / "artifacts")]
+        # Without this MLflow 3 starts job runners that outlive the server.
+        env = {
+            **os.environ,
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+        }
+        with self.log.open("ab") as f:
+            self.proc = subprocess.Popen(
+                cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"mlflow server exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}"
+                )
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        raise AssertionError(
+            f"mlflow server did not answer in {timeout_s} s:\n{self.log.read_text()[-3000:]}"
+        )
+
+    def stop(self) -> None:
+        """SIGTERM to the server's process group (uvicorn and its worker), SIGKILL if it lingers."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        except ProcessLookupError:
+            pass
+        self.proc = None
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> Iterator[MlflowServer]:
+    """A server not yet started; whatever the test leaves running is stopped after it."""
+    server = MlflowServer(tmp_path)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def launch(overrides: list[str], log: Path, nproc: int = 1) -> subprocess.Popen[bytes]:
+    """launch/pretrain.py on the tiny config in its own session (one process group to signal or kill)."""
+    script = [str(REPO / "launch/pretrain.py"), "--config", str(TINY), *overrides]
+    if nproc == 1:
+        cmd = [sys.executable, *script]
+    else:
+        launcher = Path(sys.executable).with_name("deepspeed")
+        cmd = [str(launcher), "--num_gpus", str(nproc), "--master_port", str(free_port()), *script]
+    with log.open("ab") as f:
+        return subprocess.Popen(
+            cmd, cwd=REPO, env=_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def wait_for(
+    what: str,
+    ready: Callable[[], bool],
+    proc: subprocess.Popen[bytes] | None,
+    log: Path,
+    timeout_s: float = 300,
+) -> None:
+    """Poll ``ready`` until true; fail naming ``what`` if ``proc`` ends first or the time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the run ended (status {proc.returncode}) before {what}:\n{log.read_text()[-4000:]}")
+        if time.monotonic() > deadline:
+            if proc is not None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"no {what} within {timeout_s} s:\n{log.read_text()[-4000:]}")
+        time.sleep(0.2)
+
+
+def finish(proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 300) -> int:
+    """Wait for the run; kill its group and fail if it does not end in time (a hang)."""
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        pytest.fail(f"the run did not end within {timeout_s} s (a hang):\n{log.read_text()[-4000:]}")

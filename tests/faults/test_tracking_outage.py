@@ -1,0 +1,148 @@
+"""MLflow outages, for real: a run logs to an ``mlflow server`` on 127.0.0.1 that is not up when the run
+starts, comes up, is stopped in the middle of the run and restarted, and is down again when the run ends.
+Training must go on throughout, warn once per outage, keep every record in ``metrics.jsonl``, deliver every
+record to one MLflow run without duplicates when the server is back, and ``python -m pcrl.tracking sync``
+must deliver the rest afterwards, idempotently."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_pretrain import REPO, _env
+
+from .conftest import MlflowServer, finish, launch, wait_for
+
+pytestmark = pytest.mark.integration
+
+EXIT_PREEMPTED = 75
+
+
+def _steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def _history(uri: str, run_id: str, key: str = "loss/total") -> list[int]:
+    from mlflow.tracking import MlflowClient
+
+    return [m.step for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, key)]
+
+
+def _run_id(run_dir: Path, uri: str) -> str | None:
+    path = run_dir / "mlflow_run.json"
+    return json.loads(path.read_text())["runs"].get(uri, {}).get("run_id") if path.is_file() else None
+
+
+def _sync(run_dir: Path) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "pcrl.tracking", "sync", str(run_dir)]
+    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+
+
+def test_tracking_outage_loses_nothing_and_duplicates_nothing(
+    sample_shards: Path, tmp_path: Path, mlflow_server: MlflowServer
+) -> None:
+    """Pins: an unreachable server that stops or stalls training, a warning per failed call, records dropped
+    while the server is away, records sent twice after it returns, a run created twice, and a run that ended
+    during an outage never reaching MLflow."""
+    server, run_dir, log = mlflow_server, tmp_path / "outage", tmp_path / "outage.log"
+    overrides = [
+        f"data.shards={sample_shards}",
+        f"run.output_dir={tmp_path}",
+        "run.name=outage",
+        "train.max_steps=100000",  # ended by a preemption signal once every phase has been seen
+        "train.log_every=1",
+        "train.checkpoint_every=0",
+        "tracking.image_every=0",
+        f"tracking.uri={server.uri}",
+        "tracking.retry_s=1",
+    ]
+    proc = launch(overrides, log)
+    try:
+        # 1. Unreachable at the start: training goes on.
+        wait_for("3 logged steps with the server down", lambda: len(_steps(run_dir)) >= 3, proc, log)
+        assert _run_id(run_dir, server.uri) is None
+        # 2. The server comes up: the run is created and everything logged so far arrives.
+        server.start()
+        wait_for("the MLflow run", lambda: _run_id(run_dir, server.uri) is not None, proc, log)
+        run_id = _run_id(run_dir, server.uri)
+        assert run_id is not None
+        wait_for(
+            "the first records in MLflow", lambda: _history(server.uri, run_id)[:3] == [1, 2, 3], proc, log
+        )
+        # 3. Gone in the middle of the run, then back.
+        server.stop()
+        down_at = _steps(run_dir)[-1]
+        wait_for("3 more steps with the server down", lambda: _steps(run_dir)[-1] >= down_at + 3, proc, log)
+        server.start()
+        back_at = _steps(run_dir)[-1]
+        wait_for(
+            "the records of the outage in MLflow", lambda: back_at in _history(server.uri, run_id), proc, log
+        )
+        # 4. Down again when the run ends (a preemption signal ends it with status KILLED).
+        server.stop()
+        down_at = _steps(run_dir)[-1]
+        wait_for("2 more steps with the server down", lambda: _steps(run_dir)[-1] >= down_at + 2, proc, log)
+        os.killpg(proc.pid, signal.SIGUSR1)
+        assert finish(proc, log) == EXIT_PREEMPTED, log.read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    out = log.read_text()
+    steps = _steps(run_dir)
+    assert steps == list(range(1, steps[-1] + 1)), "metrics.jsonl must hold every step once"
+    # One warning per outage (start, middle, end), not one per failed call.
+    assert out.count("training goes on, every record stays in") == 3, out[-4000:]
+    assert out.count(f"MLflow at {server.uri} is reachable again") == 2
+    assert "python -m pcrl.tracking sync" in out
+
+    # 5. Afterwards: sync delivers the rest and the final status; a second sync sends nothing.
+    server.start()
+    first = _sync(run_dir)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert f"MLflow run {run_id} at {server.uri} is up to date" in first.stdout
+    assert "(0 metric values sent)" not in first.stdout
+    again = _sync(run_dir)
+    assert again.returncode == 0 and "(0 metric values sent)" in again.stdout, again.stdout + again.stderr
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=server.uri)
+    (exp,) = [e for e in client.search_experiments() if e.name == "pcrl"]
+    (run,) = client.search_runs([exp.experiment_id])  # one run, never a second one
+    assert run.info.run_id == run_id and run.info.status == "KILLED"
+    assert run.data.params["train.log_every"] == "1"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for key in ("loss/total", "optim/lr", "perf/samples_per_s"):
+        assert _history(server.uri, run_id, key) == steps, key
+    assert [m.value for m in client.get_metric_history(run_id, "loss/total")] == [
+        r["loss/total"] for r in records
+    ]
+    assert "config.yaml" in {a.path for a in client.list_artifacts(run_id)}
+
+
+def test_tracking_sync_names_an_unreachable_server(tmp_path: Path) -> None:
+    """The sync command against a server that is not there fails with status 1 and names the URI (no
+    traceback), and changes nothing in the run folder."""
+    from pcrl.config import PretrainConfig, save_config
+    from pcrl.distributed import free_port
+
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    save_config(PretrainConfig(), run_dir / "config.yaml")
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 1, "time": 0.0, "loss/total": 1.0}) + "\n")
+    uri = f"http://127.0.0.1:{free_port()}"
+    cmd = [sys.executable, "-m", "pcrl.tracking", "sync", str(run_dir), "--uri", uri]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert f"could not reach MLflow at {uri}" in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "metrics.jsonl"]
