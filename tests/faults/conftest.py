@@ -39,8 +39,9 @@ class MlflowServer:
             "MLFLOW_DISABLE_TELEMETRY": "true",
         }
         with self.log.open("ab") as f:
+            # Its own folder as the working directory: MLflow may create files (mlruns/) in the cwd.
             self.proc = subprocess.Popen(
-                cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+                cmd, cwd=self.folder, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
             )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
