@@ -1,13 +1,28 @@
-"""Samples/s of the PCRLv2 views (2 global + 6 local per sample), per core, on the same volumes in one run:
+"""Samples/s of the PCRLv2 views (2 global + 6 local per sample), per core, on the same volumes in one run.
 
-(a) the reference recipe with torchio, one sample at a time (8 torchio pipelines per sample: T_s then T_g for
-    each global view, T_s then T_l for each local; crops resized with trilinear interpolation), the baseline;
-(b) pcrl's torch renderer on the CPU, a whole batch at once; (c) DALI in CPU mode; and with CUDA,
-(d) the torch renderer on the GPU and (e) DALI on the GPU.
+Two questions, answered separately because the reference and pcrl split the work differently:
 
-Every variant starts from the same decoded volumes and draws its geometry from pcrl's sampler (the same cost
-everywhere). CPU variants run on one thread (torch.set_num_threads(1); SimpleITK's global thread count 1 for
-torchio; one DALI thread), so the ratios are per core.
+(i) **Rendering**, from the same pre-drawn geometry for every variant (boxes, and for pcrl every other
+    random choice, drawn up front by pcrl's sampler and not timed). This is what the reference's per-sample
+    ``__getitem__`` does (spec §2.2: it only applies the torchio transforms to crop pairs cut OFFLINE by
+    ``crop_pair``), so it is the like-for-like comparison of renderers:
+
+    (a) ``torchio``: the reference recipe, one sample at a time: crop each box and resize it (trilinear),
+        then 8 torchio pipelines (T_s then T_g for each global view, T_s then T_l for each local) — the baseline;
+    (b) ``torch_cpu``: pcrl's torch renderer on the CPU: cut the regions per sample, render the batch at once;
+    (c) ``dali_cpu``: the same draws rendered by DALI in CPU mode; and with CUDA,
+    (d) ``torch_gpu`` and (e) ``dali_gpu``.
+
+(ii) **End to end with pcrl's online geometry sampling**: pcrl draws new boxes for every sample (the reference
+    drew 16 pairs per CT once, offline, at 0.41 s per pair). The sampler's own cost per sample is measured
+    on its own — ``sampler_ms.new_volume`` when every sample comes from a new volume
+    (``views.pairs_per_volume: 1``, the default: the tissue filter's integral image is built each time) and
+    ``sampler_ms.same_volume`` for further pairs of a volume already scored — and
+    ``end_to_end_samples_per_s = 1 / (sampler + 1 / render rate)`` (one thread does both, one after the other).
+
+CPU variants run on one thread (torch.set_num_threads(1); SimpleITK's global thread count 1 for torchio; one
+DALI thread), so the ratios are per core. The machine's load average is printed before and after: on a
+shared machine repeat the run and compare ratios from the same run only.
 
     python bench/views.py [--shards .cache/demo/shards] [--samples 16] [--batch 8] [--json]
 """
@@ -16,8 +31,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,10 +44,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pcrl.config import ViewsConfig
 from pcrl.data import _threshold_to_unit, read_manifest, read_volume, to_unit_range
-from pcrl.views import PCRLv2Views, collate_draws, sample_global_pair, sample_local_boxes
+from pcrl.views import PCRLv2Views, ViewPlan, collate_draws
+
+VARIANTS = ("torchio", "torch_cpu", "dali_cpu", "torch_gpu", "dali_gpu")
 
 
 def load_volumes(shards: str) -> list[tuple[torch.Tensor, float | None]]:
+    """Every volume of the shards in [0, 1] with its tissue threshold (None for MRI)."""
     out = []
     for record in read_manifest(shards, "all"):
         array, _ = read_volume(record)
@@ -39,8 +59,8 @@ def load_volumes(shards: str) -> list[tuple[torch.Tensor, float | None]]:
     return out
 
 
-def torchio_baseline(cfg: ViewsConfig):
-    import numpy as np
+def torchio_renderer(cfg: ViewsConfig) -> Callable[[torch.Tensor, ViewPlan], dict]:
+    """The reference's per-sample rendering (spec §2.2) of a plan's boxes with torchio."""
     import SimpleITK as sitk
     import torchio as tio
 
@@ -63,28 +83,25 @@ def torchio_baseline(cfg: ViewsConfig):
         x = volume[box.slices][None, None]
         return F.interpolate(x, size=tuple(size), mode="trilinear", align_corners=False)[0]
 
-    def sample(volume: torch.Tensor, seed: int, threshold: float | None) -> dict:
-        rng = np.random.default_rng(seed)
-        b1, b2 = sample_global_pair(volume.shape, cfg, rng, volume, threshold)
-        locs = sample_local_boxes(volume.shape, b1, b2, cfg, rng)
+    def render(volume: torch.Tensor, plan: ViewPlan) -> dict:
         views, targets = [], []
-        for box in (b1, b2):
+        for box in plan.global_boxes:
             s = spatial(crop(volume, box, cfg.global_size))
             targets.append(s.clone())
             views.append(global_intensity(s))
-        local_views = [local_intensity(spatial(crop(volume, b, cfg.local_size))) for b in locs]
+        local_views = [local_intensity(spatial(crop(volume, b, cfg.local_size))) for b in plan.local_boxes]
         return {"global_views": views, "global_targets": targets, "local_views": local_views}
 
-    return sample
+    return render
 
 
-def timed(fn, n: int, sync: bool = False) -> float:
+def rate(fn: Callable[[int], int], n: int, sync: bool = False) -> float:
+    """Samples/s of ``fn(i)`` (which returns the samples it did) over at least ``n`` samples, after one warm-up."""
     fn(0)  # warm-up (DALI builds its pipeline, CUDA initialises)
     if sync:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    done = 0
-    i = 1
+    done, i = 0, 1
     while done < n:
         done += fn(i)
         i += 1
@@ -99,28 +116,39 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=16, help="samples timed per CPU variant")
     p.add_argument("--gpu-samples", type=int, default=512, help="samples timed per GPU variant")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument(
-        "--variants", nargs="*", default=None, help="subset of: torchio torch_cpu dali_cpu torch_gpu dali_gpu"
-    )
+    p.add_argument("--variants", nargs="*", default=None, help=f"subset of: {' '.join(VARIANTS)}")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
+    load_before = os.getloadavg()
     torch.set_num_threads(1)
     cfg = ViewsConfig()
     volumes = load_volumes(args.shards)
+    if not volumes:
+        raise SystemExit(f"no volumes in {args.shards}: make demo shards first (python -m data_prep.demo)")
     b = args.batch
-
-    def pick(i: int) -> tuple[torch.Tensor, float | None]:
-        return volumes[i % len(volumes)]
-
     views = PCRLv2Views(cfg)
-    baseline = torchio_baseline(cfg)
+
+    # Plans (every random choice) for the samples a CPU variant times, drawn once (GPU variants cycle through
+    # them); sample i reads volume i mod V, so each plan comes from a new volume and builds its tissue integral.
+    wanted = args.variants or list(VARIANTS)
+    n_plans = b * (args.samples // b + 3)
+    volume_of = [volumes[i % len(volumes)] for i in range(n_plans)]
+    plans: list[ViewPlan] = []
+    t0 = time.perf_counter()
+    for i, (volume, threshold) in enumerate(volume_of):
+        plans.append(views.plan(volume, i, threshold))
+    new_volume_s = (time.perf_counter() - t0) / n_plans
+    same_volume_s = _same_volume_seconds(views, volume_of[: len(volumes)], n_plans)
+
+    torchio = torchio_renderer(cfg)
 
     def run_torchio(i: int) -> int:
-        baseline(*(lambda v: (v[0], i, v[1]))(pick(i)))
+        torchio(volume_of[i % n_plans][0], plans[i % n_plans])
         return 1
 
     def batch_of(i: int, stack: bool) -> dict:
-        draws = [views.draw(pick(i * b + j)[0], i * b + j, pick(i * b + j)[1]) for j in range(b)]
+        at = [j % n_plans for j in range(i * b, i * b + b)]
+        draws = [views.cut(volume_of[j][0], plans[j]) for j in at]
         return collate_draws(draws, stack_regions=stack)
 
     def run_torch(i: int, device: str = "cpu") -> int:
@@ -138,31 +166,65 @@ def main() -> None:
         return b
 
     variants = {
-        "torchio": lambda: timed(run_torchio, args.samples),
-        "torch_cpu": lambda: timed(run_torch, args.samples),
-        "dali_cpu": lambda: timed(run_dali, args.samples),
+        "torchio": lambda: rate(run_torchio, args.samples),
+        "torch_cpu": lambda: rate(run_torch, args.samples),
+        "dali_cpu": lambda: rate(run_dali, args.samples),
     }
     if torch.cuda.is_available():
-        variants["torch_gpu"] = lambda: timed(lambda i: run_torch(i, "cuda"), args.gpu_samples, sync=True)
-        variants["dali_gpu"] = lambda: timed(lambda i: run_dali(i, 0), args.gpu_samples, sync=True)
-    wanted = args.variants or list(variants)
+        variants["torch_gpu"] = lambda: rate(lambda i: run_torch(i, "cuda"), args.gpu_samples, sync=True)
+        variants["dali_gpu"] = lambda: rate(lambda i: run_dali(i, 0), args.gpu_samples, sync=True)
     results = {}
     for name in wanted:
         if name in variants:
-            results[name] = {"samples_per_s": variants[name]()}
-            print(f"{name:10s} {results[name]['samples_per_s']:8.2f} samples/s", file=sys.stderr)
-    base = results.get("torchio", {}).get("samples_per_s")
+            render = variants[name]()
+            results[name] = {
+                "render_samples_per_s": render,
+                "end_to_end_samples_per_s": 1.0 / (new_volume_s + 1.0 / render),
+            }
+            print(f"{name:10s} {render:8.2f} samples/s rendering", file=sys.stderr)
+    base = results.get("torchio")
     if base:
         for r in results.values():
-            r["x_torchio"] = r["samples_per_s"] / base
-    report = {"batch": b, "volumes": len(volumes), "threads": 1, "results": results}
+            r["render_x_torchio"] = r["render_samples_per_s"] / base["render_samples_per_s"]
+            r["end_to_end_x_torchio"] = r["end_to_end_samples_per_s"] / base["end_to_end_samples_per_s"]
+    report = {
+        "batch": b,
+        "volumes": len(volumes),
+        "threads": 1,
+        "sampler_ms": {"new_volume": new_volume_s * 1e3, "same_volume": same_volume_s * 1e3},
+        "results": results,
+        "loadavg": {"before": load_before[0], "after": os.getloadavg()[0]},
+    }
     if args.json:
         print(json.dumps(report))
-    else:
-        for name, r in results.items():
-            print(
-                f"{name:10s} {r['samples_per_s']:8.2f} samples/s  {r.get('x_torchio', float('nan')):5.2f}x torchio"
-            )
+        return
+    print(
+        f"load average {report['loadavg']['before']:.2f} before, {report['loadavg']['after']:.2f} after; "
+        f"{len(volumes)} volumes, batch {b}, one thread"
+    )
+    print(
+        f"pcrl sampler (geometry + tissue filter): {new_volume_s * 1e3:.1f} ms/sample from a new volume, "
+        f"{same_volume_s * 1e3:.2f} ms from the same volume again"
+    )
+    print(f"{'':10s} {'rendering (same geometry)':>33s}   {'end to end (with sampler)':>33s}")
+    for name, r in results.items():
+        print(
+            f"{name:10s} {r['render_samples_per_s']:10.2f} samples/s {r.get('render_x_torchio', float('nan')):6.2f}x torchio"
+            f"   {r['end_to_end_samples_per_s']:10.2f} samples/s {r.get('end_to_end_x_torchio', float('nan')):6.2f}x torchio"
+        )
+
+
+def _same_volume_seconds(
+    views: PCRLv2Views, volumes: list[tuple[torch.Tensor, float | None]], seed0: int
+) -> float:
+    """Seconds per plan of a further pair from a volume just planned (the tissue integral is cached)."""
+    total = 0.0
+    for i, (volume, threshold) in enumerate(volumes):
+        views.plan(volume, seed0 + 2 * i, threshold)  # builds (or finds) this volume's integral
+        t0 = time.perf_counter()
+        views.plan(volume, seed0 + 2 * i + 1, threshold)
+        total += time.perf_counter() - t0
+    return total / len(volumes)
 
 
 if __name__ == "__main__":

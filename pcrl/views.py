@@ -35,6 +35,7 @@ __all__ = [
     "PCRLv2Views",
     "SpatialParams",
     "TissueIntegral",
+    "ViewPlan",
     "blur_window",
     "box_iou",
     "build_renderer",
@@ -339,6 +340,27 @@ class SpatialParams:
     def identity(n: int) -> SpatialParams:
         """No flip, scale 1, no rotation: the view is the plain resized crop."""
         return SpatialParams(np.zeros((n, 3), bool), np.ones((n, 3)), np.zeros((n, 3)))
+
+
+@dataclass(frozen=True)
+class ViewPlan:
+    """Every random choice of one sample (:meth:`PCRLv2Views.plan`): what a renderer needs besides the voxels."""
+
+    shape: tuple[int, ...]
+    """(X, Y, Z) of the volume it was drawn for."""
+    global_boxes: tuple[Box, Box]
+    local_boxes: tuple[Box, ...]
+    global_params: SpatialParams
+    local_params: SpatialParams
+    noise_seed: int
+    sigma: np.ndarray
+    """(2 + L, 3) blur sigma per view (globals first), in voxels."""
+    noise_std: np.ndarray
+    """(2 + L,) additive noise std per view."""
+    gamma: np.ndarray
+    """(2 + L,) gamma per view."""
+    swaps: np.ndarray
+    """(2, swap_count, 2, 3) int64 patch corners of the global views' swaps."""
 
 
 def sample_spatial_params(n: int, cfg: ViewsConfig, rng: np.random.Generator) -> SpatialParams:
@@ -790,19 +812,25 @@ class PCRLv2Views:
         Raises:
             ValueError: ``volume`` is not a 3D floating tensor.
         """
+        return self.cut(volume, self.plan(volume, seed, tissue_threshold))
+
+    def plan(self, volume: Tensor, seed: int, tissue_threshold: float | None = None) -> ViewPlan:
+        """Every random choice of one sample, from its seed: the geometry sampler (with the tissue filter, which
+        reads ``volume``) and the augmentation parameters, without touching the views' voxels.
+
+        Raises:
+            ValueError: ``volume`` is not a 3D floating tensor.
+        """
         if volume.dim() != 3 or not volume.is_floating_point():
             raise ValueError(
                 f"expected one (X, Y, Z) floating-point volume, got shape {tuple(volume.shape)} of {volume.dtype}"
             )
         cfg, shape = self.cfg, tuple(volume.shape)
         rng = np.random.default_rng(seed)
-
-        # geometry
         box1, box2 = sample_global_pair(shape, cfg, rng, volume, tissue_threshold)
         local_boxes = sample_local_boxes(shape, box1, box2, cfg, rng)
         global_params = sample_spatial_params(2, cfg, rng)
         local_params = sample_spatial_params(cfg.num_locals, cfg, rng)
-
         # intensity: blur → noise → gamma → swap (globals only) → z-normalisation; drawn in this order
         noise_seed = int(rng.integers(0, 2**63 - 1))
         g_sigma, g_std, g_gamma = self._draw_degrade(2, rng)
@@ -811,12 +839,29 @@ class PCRLv2Views:
         else:
             swaps = np.zeros((2, 0, 2, 3), np.int64)
         l_sigma, l_std, l_gamma = self._draw_degrade(cfg.num_locals, rng)
+        return ViewPlan(
+            shape=shape,
+            global_boxes=(box1, box2),
+            local_boxes=tuple(local_boxes),
+            global_params=global_params,
+            local_params=local_params,
+            noise_seed=noise_seed,
+            sigma=np.concatenate([g_sigma, l_sigma]),
+            noise_std=np.concatenate([g_std, l_std]),
+            gamma=np.concatenate([g_gamma, l_gamma]),
+            swaps=swaps,
+        )
 
+    def cut(self, volume: Tensor, plan: ViewPlan) -> dict[str, Any]:
+        """The draw of :meth:`draw` for a :meth:`plan` of this volume: view affines and the regions they read."""
+        cfg, shape = self.cfg, tuple(volume.shape)
+        if shape != plan.shape:
+            raise ValueError(f"the plan was drawn for a volume of shape {plan.shape}, got {shape}")
         out: dict[str, Any] = {}
         outside = False
         for name, boxes, size, params in (
-            ("global", [box1, box2], cfg.global_size, global_params),
-            ("local", local_boxes, cfg.local_size, local_params),
+            ("global", plan.global_boxes, cfg.global_size, plan.global_params),
+            ("local", plan.local_boxes, cfg.local_size, plan.local_params),
         ):
             affines = view_affines(boxes, size, params)
             lo, hi, out_flags = _read_region(affines, size, shape)
@@ -829,14 +874,14 @@ class PCRLv2Views:
         out.update(
             volume_shape=torch.tensor(shape),
             outside=torch.tensor(outside),
-            sigma=torch.from_numpy(np.concatenate([g_sigma, l_sigma])),
-            noise_std=torch.from_numpy(np.concatenate([g_std, l_std])),
-            gamma=torch.from_numpy(np.concatenate([g_gamma, l_gamma])),
-            noise_seed=torch.tensor(noise_seed),
-            swaps=torch.from_numpy(swaps),
+            sigma=torch.from_numpy(plan.sigma),
+            noise_std=torch.from_numpy(plan.noise_std),
+            gamma=torch.from_numpy(plan.gamma),
+            noise_seed=torch.tensor(plan.noise_seed),
+            swaps=torch.from_numpy(plan.swaps),
             boxes={
-                "global": torch.tensor([[b.start, b.size] for b in (box1, box2)], dtype=torch.int64),
-                "local": torch.tensor([[b.start, b.size] for b in local_boxes], dtype=torch.int64),
+                "global": torch.tensor([[b.start, b.size] for b in plan.global_boxes], dtype=torch.int64),
+                "local": torch.tensor([[b.start, b.size] for b in plan.local_boxes], dtype=torch.int64),
             },
         )
         return out

@@ -543,6 +543,22 @@ def test_render_batch_equals_per_sample_views(volume):
             assert torch.equal(batch["boxes"]["global"][i], alone["boxes"]["global"])
 
 
+def test_draw_is_the_cut_of_its_plan(volume):
+    """Pins the split of a draw into plan (every random choice, what bench/views.py pre-draws) and cut (the
+    regions): cutting a plan gives exactly the draw, and a plan only cuts the volume shape it was drawn for."""
+    views = PCRLv2Views(tiny_cfg())
+    plan = views.plan(volume, 4, 0.6)
+    draw, cut = views.draw(volume, 4, 0.6), views.cut(volume, plan)
+    assert draw.keys() == cut.keys()
+    for k, v in draw.items():
+        if isinstance(v, dict):
+            assert all(torch.equal(v[b], cut[k][b]) for b in v)
+        else:
+            torch.testing.assert_close(v, cut[k], atol=0, rtol=0, equal_nan=True)
+    with pytest.raises(ValueError, match=r"\(64, 72, 40\)"):
+        views.cut(smooth_volume((64, 72, 40)), plan)
+
+
 def test_views_distribution_over_many_draws(volume):
     """Pins distribution-level properties over many draws: targets stay in [0, 1], global boxes vary, the
     swap and noise make views differ from the z-normalised targets by a stable amount."""
