@@ -532,6 +532,11 @@ class ConsoleProgress:
             parts.append(f"lr {metrics['optim/lr']:.2e}")
         if "schedule/beta" in metrics:
             parts.append(f"β {metrics['schedule/beta']:.3f}")
+        # Evaluation steps only: the held-out restoration quality (what sweeps optimise) and the probe.
+        if "val/psnr" in metrics:
+            parts.append(f"val psnr {metrics['val/psnr']:.2f} dB")
+        if "probe/accuracy" in metrics:
+            parts.append(f"probe acc {metrics['probe/accuracy']:.3f}")
         if "perf/samples_per_s" in metrics:
             parts.append(f"{metrics['perf/samples_per_s']:.2f} samples/s")
         if "perf/tflops_per_device" in metrics:

@@ -142,3 +142,17 @@ def test_two_processes_evaluate_without_deadlock(sample_shards: Path, tmp_path: 
     assert [r["step"] for r in records if "val/psnr" in r] == [2, 4]
     assert all(math.isfinite(r["val/psnr"]) for r in records if "val/psnr" in r)
     assert json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
+    # The console line of an evaluation step shows the value (rank 0 alone prints).
+    shown = [line for line in (proc.stdout + proc.stderr).splitlines() if "val psnr" in line]
+    assert len(shown) == 2 and "step 2/4" in shown[0] and "step 4/4" in shown[1], proc.stderr[-3000:]
+
+
+def test_console_line_shows_validation_only_when_evaluated() -> None:
+    """The console line of an evaluation step carries val/psnr (and the probe's accuracy); others do not."""
+    from pcrl.tracking import ConsoleProgress
+
+    console = ConsoleProgress(10, enabled=False)
+    plain = console.line(2, {"loss/total": 0.5, "optim/lr": 1e-3})
+    assert "val psnr" not in plain and "probe" not in plain
+    line = console.line(4, {"loss/total": 0.5, "val/psnr": 21.234, "probe/accuracy": 0.75})
+    assert "val psnr 21.23 dB" in line and "probe acc 0.750" in line
