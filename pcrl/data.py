@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import atexit
 import functools
 import glob
 import hashlib
@@ -793,6 +794,20 @@ def _worker_init(worker_id: int) -> None:
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+def _kill_workers_at_exit() -> None:
+    # At exit multiprocessing terminates daemonic children with SIGTERM and waits for them; loader workers
+    # ignore SIGTERM (above), so a process leaving with its persistent workers alive (an error, a preemption)
+    # would wait forever. Registered after multiprocessing's own handler, so it runs first (atexit is LIFO).
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+atexit.register(_kill_workers_at_exit)
 
 
 def build_loader(
