@@ -14,6 +14,11 @@ a run has enough volumes for a process pool to pay off, and none is a duplicate 
 
 Reports volumes/s and MB/s (MB of source voxels, as decoded from the inputs, per second) and each
 variant's ratio to the baseline. Numbers on a shared machine are noisy: compare ratios from one run.
+
+With Zarr it also measures the parent's serial work per volume, which bounds the throughput of any number
+of workers: the earlier design (workers send zstd ``.npy`` bytes; the parent decompresses, Blosc-compresses
+and writes the array) against the current one (workers send the array's compressed files; the parent
+writes bytes), on the same volumes in the same process.
 """
 
 from __future__ import annotations
@@ -78,6 +83,40 @@ def source_megabytes(paths: list[Path]) -> float:
     return total / 1e6
 
 
+def zarr_parent_seconds(records: list, out: Path) -> dict[str, float]:
+    """Parent-side seconds per volume: compress in the parent (before) vs write the worker's files (now)."""
+    import io
+
+    import zarr
+    import zstandard
+    from zarr.codecs import BloscCodec
+
+    from data_prep.zarr_writer import CHUNK, ZarrWriter, encode_array
+    from pcrl.data import encode_volume, read_volume
+
+    out.mkdir(parents=True, exist_ok=True)
+    writer = ZarrWriter(out)
+    before = now = 0.0
+    for i, record in enumerate(records):
+        volume, meta = read_volume(record)
+        image, _ = encode_volume(volume)  # what a worker sent before
+        files = encode_array(volume, meta)  # what a worker sends now
+        start = time.perf_counter()
+        array = np.load(io.BytesIO(zstandard.ZstdDecompressor().decompress(image)), allow_pickle=False)
+        z = zarr.create_array(
+            store=str(out / f"before-{i}"), shape=array.shape, dtype=array.dtype,
+            chunks=tuple(min(c, n) for c, n in zip(CHUNK, array.shape, strict=True)),
+            compressors=[BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")], attributes=meta, zarr_format=3,
+        )  # fmt: skip
+        z[...] = array
+        before += time.perf_counter() - start
+        start = time.perf_counter()
+        writer.add(f"now-{i}", files)
+        now += time.perf_counter() - start
+    n = max(1, len(records))
+    return {"before_s_per_volume": before / n, "now_s_per_volume": now / n, "ratio": before / max(now, 1e-9)}
+
+
 def timed(fn, repeat: int) -> float:
     best = float("inf")
     for _ in range(repeat):
@@ -129,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
                 "volumes_per_s": len(paths) / seconds,
                 "mb_per_s": megabytes / seconds,
             }
+        parent = None
+        if "zarr" in args.formats:
+            from pcrl.data import read_manifest
+
+            parent = zarr_parent_seconds(read_manifest(work / "pcrl", "all")[:4], work / "parent")
     base = next(iter(results.values()))
     for r in results.values():
         r["ratio_to_naive"] = r["volumes_per_s"] / base["volumes_per_s"]
@@ -139,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": os.cpu_count(),
         "repeat": args.repeat,
         "results": results,
+        "zarr_parent": parent,
     }
     if args.json:
         print(json.dumps(report, indent=2))
@@ -151,6 +196,12 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{name:44s} {r['seconds']:7.2f} {r['volumes_per_s']:7.3f} {r['mb_per_s']:7.1f} "
             f"{r['ratio_to_naive']:8.2f}"
+        )
+    if parent:
+        print(
+            f"zarr, parent's serial work per volume: {parent['before_s_per_volume']:.3f} s compressing in the "
+            f"parent (before) vs {parent['now_s_per_volume']:.3f} s writing the worker's files (now): "
+            f"{parent['ratio']:.1f}x less"
         )
     return 0
 

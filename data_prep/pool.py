@@ -179,7 +179,9 @@ class Pool:
             if not ray.is_initialized():
                 try:
                     if self.ray == "local":
-                        ray.init(num_cpus=max(1, self.workers), include_dashboard=False,
+                        # address="local": a new instance even where another one runs on this machine (with
+                        # no address, Ray would join any instance it finds, or RAY_ADDRESS).
+                        ray.init(address="local", num_cpus=max(1, self.workers), include_dashboard=False,
                                  logging_level=logging.WARNING, log_to_driver=False)  # fmt: skip
                     else:
                         ray.init(address=self.ray, logging_level=logging.WARNING)
