@@ -21,8 +21,9 @@ Two questions, answered separately because the reference and pcrl split the work
     ``end_to_end_samples_per_s = 1 / (sampler + 1 / render rate)`` (one thread does both, one after the other).
 
 CPU variants run on one thread (torch.set_num_threads(1); SimpleITK's global thread count 1 for torchio; one
-DALI thread), so the ratios are per core. The machine's load average is printed before and after: on a
-shared machine repeat the run and compare ratios from the same run only.
+DALI thread) and are measured in CPU time of this process (all its threads), so the ratios are per core and
+time spent waiting for a core on a shared machine does not count; wall-clock rates are reported as well. The
+load average is printed before and after: repeat the run and compare ratios from the same run only.
 
     python bench/views.py [--shards .cache/demo/shards] [--samples 16] [--batch 8] [--json]
 """
@@ -95,19 +96,24 @@ def torchio_renderer(cfg: ViewsConfig) -> Callable[[torch.Tensor, ViewPlan], dic
     return render
 
 
-def rate(fn: Callable[[int], int], n: int, sync: bool = False) -> float:
-    """Samples/s of ``fn(i)`` (which returns the samples it did) over at least ``n`` samples, after one warm-up."""
+def rate(fn: Callable[[int], int], n: int, sync: bool = False) -> tuple[float, float]:
+    """Samples per second of wall time and per second of this process's CPU time (all its threads) of
+    ``fn(i)`` (which returns the samples it did) over at least ``n`` samples, after one warm-up.
+
+    On a shared machine the wall time counts the time spent waiting for a core; the CPU time does not, so
+    the per-core ratios come from it.
+    """
     fn(0)  # warm-up (DALI builds its pipeline, CUDA initialises)
     if sync:
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     done, i = 0, 1
     while done < n:
         done += fn(i)
         i += 1
     if sync:
         torch.cuda.synchronize()
-    return done / (time.perf_counter() - t0)
+    return done / (time.perf_counter() - t0), done / (time.process_time() - c0)
 
 
 def main() -> None:
@@ -134,10 +140,10 @@ def main() -> None:
     n_plans = b * (args.samples // b + 3)
     volume_of = [volumes[i % len(volumes)] for i in range(n_plans)]
     plans: list[ViewPlan] = []
-    t0 = time.perf_counter()
+    c0 = time.process_time()
     for i, (volume, threshold) in enumerate(volume_of):
         plans.append(views.plan(volume, i, threshold))
-    new_volume_s = (time.perf_counter() - t0) / n_plans
+    new_volume_s = (time.process_time() - c0) / n_plans
     same_volume_s = _same_volume_seconds(views, volume_of[: len(volumes)], n_plans)
 
     torchio = torchio_renderer(cfg)
@@ -176,12 +182,17 @@ def main() -> None:
     results = {}
     for name in wanted:
         if name in variants:
-            render = variants[name]()
+            wall, cpu = variants[name]()
+            # per core: CPU time on the CPU; a GPU variant's wall time is its cost (its CPU only launches)
+            render = wall if name.endswith("_gpu") else cpu
             results[name] = {
                 "render_samples_per_s": render,
+                "render_samples_per_wall_s": wall,
                 "end_to_end_samples_per_s": 1.0 / (new_volume_s + 1.0 / render),
             }
-            print(f"{name:10s} {render:8.2f} samples/s rendering", file=sys.stderr)
+            print(
+                f"{name:10s} {render:8.2f} samples/s rendering ({wall:.2f} per wall second)", file=sys.stderr
+            )
     base = results.get("torchio")
     if base:
         for r in results.values():
@@ -206,6 +217,7 @@ def main() -> None:
         f"pcrl sampler (geometry + tissue filter): {new_volume_s * 1e3:.1f} ms/sample from a new volume, "
         f"{same_volume_s * 1e3:.2f} ms from the same volume again"
     )
+    print("samples per CPU second of one thread (GPU variants: per wall second)")
     print(f"{'':10s} {'rendering (same geometry)':>33s}   {'end to end (with sampler)':>33s}")
     for name, r in results.items():
         print(
@@ -217,13 +229,13 @@ def main() -> None:
 def _same_volume_seconds(
     views: PCRLv2Views, volumes: list[tuple[torch.Tensor, float | None]], seed0: int
 ) -> float:
-    """Seconds per plan of a further pair from a volume just planned (the tissue integral is cached)."""
+    """CPU seconds per plan of a further pair from a volume just planned (the tissue integral is cached)."""
     total = 0.0
     for i, (volume, threshold) in enumerate(volumes):
         views.plan(volume, seed0 + 2 * i, threshold)  # builds (or finds) this volume's integral
-        t0 = time.perf_counter()
+        c0 = time.process_time()
         views.plan(volume, seed0 + 2 * i + 1, threshold)
-        total += time.perf_counter() - t0
+        total += time.process_time() - c0
     return total / len(volumes)
 
 

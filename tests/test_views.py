@@ -20,6 +20,7 @@ from pcrl.views import (
     _blur,
     _draw_boxes,
     _grid,
+    _swap_in_place,
     _swap_permutation,
     box_iou,
     collate_draws,
@@ -420,6 +421,9 @@ def test_swap_permutation_equals_sequential_swaps_and_preserves_values():
     assert torch.equal(out, ref)
     assert not torch.equal(out, x)
     assert torch.equal(out.reshape(2, -1).sort(1).values, x.reshape(2, -1).sort(1).values)
+    # the CPU renderer swaps the data itself, in place: the same result
+    corners = torch.from_numpy(np.stack([first, second], 2))
+    assert torch.equal(_swap_in_place(x.clone(), corners, size, patch), ref)
 
 
 # --- the whole sample ------------------------------------------------------------------------------
