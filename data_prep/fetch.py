@@ -147,7 +147,9 @@ def _apt_download(source: Source, into: Path) -> Path:
             f"and unpacked with dpkg-deb; {' and '.join(missing)} not found: run on Debian/Ubuntu, or install "
             "apt and dpkg"
         )
-    proc = subprocess.run(["apt-get", "download", source.requirement], cwd=into, capture_output=True, text=True)
+    proc = subprocess.run(
+        ["apt-get", "download", source.requirement], cwd=into, capture_output=True, text=True
+    )
     debs = sorted(into.glob("*.deb"))
     if proc.returncode != 0 or len(debs) != 1:
         tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])

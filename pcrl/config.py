@@ -497,12 +497,16 @@ class ProbeConfig:
 
     cases: str = ""
     """Folder of labelled cases made by ``python -m data_prep.labelled`` (empty = no probe)."""
+    task: str = "auto"
+    """``aal`` (Colin27 patches → AAL lobe, one hemisphere against the other; not in the pretraining data),
+    ``lesion`` (lesion vs background patches of the pyradiomics cases, leave-one-case-out), or ``auto``: aal
+    when ``probe.cases`` holds its data (``python -m data_prep.labelled --task aal``), else lesion."""
     names: list[str] = field(default_factory=list)
-    """Cases to use, at least two (empty = all cases in the folder)."""
+    """Lesion cases to use, at least two (empty = all cases in the folder); lesion task only."""
     patch_size: tuple[int, int, int] = (32, 32, 16)
     """Patch size (x, y, z) in voxels; divisible by 2^(model.depth-1)."""
     per_class: int = 16
-    """Lesion patches and background patches per case."""
+    """Patches per class and case: lesion and background patches per case, or per lobe and hemisphere."""
     regularization: float = 1.0
     """Inverse L2 strength of the logistic regression (scikit-learn's ``C``)."""
     seed: int = 0
@@ -510,6 +514,11 @@ class ProbeConfig:
 
     def __post_init__(self) -> None:
         _check_size(self.patch_size, "probe.patch_size")
+        _check(
+            self.task in ("auto", "aal", "lesion"),
+            "probe.task",
+            f"must be auto, aal or lesion, got {self.task!r}",
+        )
         _check(self.per_class >= 2, "probe.per_class", f"must be >= 2, got {self.per_class}")
         _check(self.regularization > 0, "probe.regularization", f"must be > 0, got {self.regularization}")
         _check(self.seed >= 0, "probe.seed", f"must be >= 0, got {self.seed}")

@@ -7,7 +7,9 @@ Two tasks on the labelled cases of :mod:`pcrl.tasks` (real lesion masks):
   encoder stage of that size, two LUConvs), Dice + cross-entropy, scored by Dice of sliding-window inference
   over the held-out case's lesion region;
 * ``classification``: lesion versus background patches (:class:`PatchClassifier`: the encoder, global
-  average pooling of every stage, one linear layer), scored by AUC and accuracy on the held-out case.
+  average pooling of every stage, one linear layer), scored by AUC and accuracy on the held-out case; with
+  ``task.dataset=aal``, Colin27 patches classified into their AAL lobe (6 classes, one-vs-rest macro AUC),
+  the two hemispheres as the two cases (trained on one, scored on the other; :func:`pcrl.tasks.aal_patches`).
 
 For every seed, label fraction and held-out case, a model is trained on the patches of the other cases
 (the fraction of them, drawn with the seed) and scored on the held-out one. ``encoder=PATH`` starts from an
@@ -49,7 +51,17 @@ from pcrl.config import (
     load_schema,
 )
 from pcrl.model import LUConv, PCRLv2Encoder
-from pcrl.tasks import LabelledCase, Patches, lesion_patches, lesion_roi, normalise_patches, read_cases
+from pcrl.probe import class_accuracy, class_auc
+from pcrl.tasks import (
+    LabelledCase,
+    Patches,
+    aal_patches,
+    lesion_patches,
+    lesion_roi,
+    normalise_patches,
+    read_aal,
+    read_cases,
+)
 
 __all__ = [
     "FinetuneConfig",
@@ -64,20 +76,25 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 TASKS = ("segmentation", "classification")
+DATASETS = ("lesion", "aal")
 
 
 @dataclass
 class TaskConfig:
     kind: str = "classification"
-    """``classification`` (lesion vs background patches, AUC) or ``segmentation`` (lesion masks, Dice)."""
+    """``classification`` (patch labels, AUC) or ``segmentation`` (lesion masks, Dice)."""
+    dataset: str = "lesion"
+    """``lesion`` (the pyradiomics cases: lesion vs background, leave-one-case-out; they are the demo's
+    pretraining volumes) or ``aal`` (Colin27 patches → AAL lobe, hemisphere against hemisphere; not in the
+    pretraining data; classification only)."""
     cases: str = ".cache/labelled"
-    """Folder of labelled cases made by ``python -m data_prep.labelled``."""
+    """Folder made by ``python -m data_prep.labelled`` (``--task aal`` adds the Colin27 data)."""
     names: list[str] = field(default_factory=list)
-    """Cases to use, at least two; each is held out once (empty = all cases in the folder)."""
+    """Lesion cases to use, at least two; each is held out once (empty = all cases in the folder)."""
     patch_size: tuple[int, int, int] = (32, 32, 16)
     """Patch size (x, y, z) in voxels; divisible by 2^(depth-1) of the encoder."""
     per_class: int = 16
-    """Lesion patches and background patches cut per case."""
+    """Patches per class and case: lesion and background patches per case, or per lobe and hemisphere."""
     ct_window: tuple[float, float] = (-1000.0, 1000.0)
     """CT window in HU for ``encoder=none``; with an encoder, the window in its encoder.json is used."""
     overlap: float = 0.5
@@ -85,6 +102,17 @@ class TaskConfig:
 
     def __post_init__(self) -> None:
         _check(self.kind in TASKS, "task.kind", f"must be segmentation or classification, got {self.kind!r}")
+        _check(self.dataset in DATASETS, "task.dataset", f"must be lesion or aal, got {self.dataset!r}")
+        _check(
+            self.dataset == "lesion" or self.kind == "classification",
+            "task.kind",
+            "task.dataset=aal has patch labels only: use task.kind=classification",
+        )
+        _check(
+            self.dataset == "lesion" or not self.names,
+            "task.names",
+            "selects lesion cases; task.dataset=aal has none (use [])",
+        )
         _check(bool(self.cases), "task.cases", "must name the folder of labelled cases")
         _check(len(self.names) != 1, "task.names", "needs at least two cases (leave-one-case-out), or []")
         _check_size(self.patch_size, "task.patch_size")
@@ -312,10 +340,13 @@ def _encoders(cfg: FinetuneConfig) -> list[_Encoder]:
     return out
 
 
-def _build(cfg: FinetuneConfig, enc: _Encoder, seed: int) -> nn.Module:
+def _build(cfg: FinetuneConfig, enc: _Encoder, seed: int, num_classes: int = 2) -> nn.Module:
     torch.manual_seed(seed)  # the same initial decoder/head for pretrained and scratch
     encoder = PCRLv2Encoder(**enc.arch)
-    model = SegmentationUNet(encoder) if cfg.task.kind == "segmentation" else PatchClassifier(encoder)
+    if cfg.task.kind == "segmentation":
+        model: nn.Module = SegmentationUNet(encoder)
+    else:
+        model = PatchClassifier(encoder, num_classes)
     if enc.weights is not None:
         from pcrl.export import load_encoder_state
 
@@ -327,7 +358,7 @@ def _fraction(train: Patches, fraction: float, seed: int) -> Patches:
     """``fraction`` of each class, drawn with ``seed`` (at least one patch per class)."""
     g = torch.Generator().manual_seed(seed)
     keep = []
-    for cls in (0, 1):
+    for cls in torch.unique(train.labels).tolist():
         idx = torch.nonzero(train.labels == cls).flatten()
         n = max(1, round(fraction * len(idx)))
         keep.append(idx[torch.randperm(len(idx), generator=g)[:n]])
@@ -386,14 +417,9 @@ def _score_segmentation(cfg: FinetuneConfig, model: nn.Module, case: LabelledCas
 
 @torch.no_grad()
 def _predict(model: nn.Module, images: Tensor, batch: int = 16) -> Tensor:
+    """(N, K) class probabilities."""
     model.eval()
-    return torch.cat([model(images[s : s + batch]).softmax(1)[:, 1] for s in range(0, len(images), batch)])
-
-
-def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(labels, scores)) if len(np.unique(labels)) == 2 else 0.5
+    return torch.cat([model(images[s : s + batch]).softmax(1) for s in range(0, len(images), batch)])
 
 
 def _summary(values: list[float]) -> dict[str, Any]:
@@ -404,7 +430,8 @@ def _summary(values: list[float]) -> dict[str, Any]:
 def _markdown(results: dict[str, Any]) -> str:
     metric = results["metric"]
     lines = [
-        f"# Fine-tuning: {results['task']} ({results['cases']}), leave-one-case-out",
+        f"# Fine-tuning: {results['task']} ({results['cases']}), leave-one-"
+        f"{'hemisphere' if results.get('dataset') == 'aal' else 'case'}-out",
         "",
         f"{len(results['seeds'])} seeds, {results['steps']} steps per model; mean ± std over seeds.",
         "",
@@ -453,23 +480,30 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             f"task.patch_size: {list(cfg.task.patch_size)} must be divisible by {factor} (2^(depth-1))"
         )
     window = encoders[0].ct_window
-    try:
-        cases = read_cases(cfg.task.cases, window, cfg.task.names)
-    except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(f"task.cases={cfg.task.cases}: {e}") from None
-    if len(cases) < 2:
-        raise ConfigError(
-            f"task.cases={cfg.task.cases}: leave-one-case-out needs two cases, got {len(cases)}"
-        )
     tc = cfg.train
-    patches = {
-        seed: Patches.cat(
-            [lesion_patches(c, cfg.task.patch_size, cfg.task.per_class, seed, i) for i, c in enumerate(cases)]
+    cases: list[LabelledCase] = []
+    try:
+        if cfg.task.dataset == "aal":
+            atlas = read_aal(cfg.task.cases)
+            case_names = ["left", "right"]  # hemispheres: aal_patches' cases 0 and 1
+            patches = {s: aal_patches(atlas, cfg.task.patch_size, cfg.task.per_class, s) for s in tc.seeds}
+        else:
+            cases = read_cases(cfg.task.cases, window, cfg.task.names)
+            case_names = [c.name for c in cases]
+            size, per_class = cfg.task.patch_size, cfg.task.per_class
+            patches = {
+                s: Patches.cat([lesion_patches(c, size, per_class, s, i) for i, c in enumerate(cases)])
+                for s in tc.seeds
+            }
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"task.cases={cfg.task.cases} (task.dataset={cfg.task.dataset}): {e}") from None
+    if len(case_names) < 2:
+        raise ConfigError(
+            f"task.cases={cfg.task.cases}: leave-one-case-out needs two cases, got {len(case_names)}"
         )
-        for seed in tc.seeds
-    }
+    num_classes = max(2, int(max(int(p.labels.max()) for p in patches.values())) + 1)
     metric = "dice" if cfg.task.kind == "segmentation" else "auc"
-    runs = len(encoders) * len(tc.label_fractions) * len(tc.seeds) * len(cases)
+    runs = len(encoders) * len(tc.label_fractions) * len(tc.seeds) * len(case_names)
     bar = tqdm(total=runs, unit="model", desc=f"fine-tuning ({cfg.task.kind})", dynamic_ncols=True)
     scores: dict[tuple[str, float], dict[str, list[float]]] = {}
     try:
@@ -479,12 +513,12 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                 for seed in tc.seeds:
                     data = patches[seed]
                     fold_scores, labels, probs = [], [], []
-                    for held, case in enumerate(cases):
+                    for held in range(len(case_names)):
                         train = _fraction(data.subset(data.cases != held), fraction, seed)
-                        model = _build(cfg, enc, seed)
+                        model = _build(cfg, enc, seed, num_classes)
                         _train(cfg, model, train, seed)
                         if cfg.task.kind == "segmentation":
-                            fold_scores.append(_score_segmentation(cfg, model, case))
+                            fold_scores.append(_score_segmentation(cfg, model, cases[held]))
                         else:
                             test = data.subset(data.cases == held)
                             labels.append(test.labels.numpy())
@@ -494,8 +528,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                         per_seed[metric].append(float(np.mean(fold_scores)))
                     else:
                         y, p = np.concatenate(labels), np.concatenate(probs)
-                        per_seed[metric].append(_auc(y, p))
-                        per_seed["accuracy"].append(float(np.mean((p >= 0.5) == (y == 1))))
+                        per_seed[metric].append(class_auc(y, p))
+                        per_seed["accuracy"].append(class_accuracy(y, p))
                 scores[(enc.name, fraction)] = per_seed
     finally:
         bar.close()
@@ -522,8 +556,10 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             )
     results = {
         "task": cfg.task.kind,
+        "dataset": cfg.task.dataset,
         "metric": metric,
-        "cases": ", ".join(c.name for c in cases),
+        "cases": ", ".join(case_names),
+        "classes": num_classes,
         "encoder": cfg.encoder,
         "architecture": encoders[0].arch,
         "ct_window": list(window),

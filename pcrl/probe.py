@@ -1,16 +1,24 @@
 """Online linear probe: frozen encoder features → logistic regression on a small labelled real set.
 
-The probe answers "is the representation getting better?" while pretraining runs. Its set is fixed once:
-lesion and background patches of the labelled cases (:mod:`pcrl.tasks`; ``python -m data_prep.labelled``
-makes them). At each evaluation step:
+The probe answers "is the representation getting better?" while pretraining runs. Its set is fixed once
+(:mod:`pcrl.tasks`; ``probe.task`` picks it):
+
+* ``aal`` (the default when ``probe.cases`` holds the Colin27 data, ``python -m data_prep.labelled --task
+  aal``): Colin27 T1 patches labelled with their AAL lobe (6 classes), trained on one hemisphere and scored on
+  the other; Colin27 is not in the pretraining data;
+* ``lesion``: lesion and background patches of the pyradiomics cases (``python -m data_prep.labelled``),
+  leave-one-case-out; those cases are the demo's pretraining volumes.
+
+At each evaluation step:
 
 1. the encoder's weights are copied into a private :class:`pcrl.model.PCRLv2Encoder` (float32, eval mode, so
    the training model, its mode and its statistics are never touched);
 2. each patch becomes one feature vector: the global average of every encoder stage, concatenated
    (2·base + 4·base + ... channels: coarse and fine features both count);
 3. a standardised, L2-regularised logistic regression (scikit-learn) is fitted leave-one-case-out: for each
-   case, on the patches of all other cases, and scored on the held-out case's patches;
-4. ``probe/accuracy`` and ``probe/auc`` are computed over all held-out predictions pooled.
+   case (a hemisphere for ``aal``), on the patches of all other cases, and scored on the held-out case's;
+4. ``probe/accuracy`` and ``probe/auc`` are computed over all held-out predictions pooled (AUC one-vs-rest,
+   macro-averaged over classes, for more than two classes).
 
 Everything is seeded; the same weights give the same numbers. Running statistics of BatchNorm (eval mode)
 are what the encoder ships with, so the probe scores the encoder as a downstream user gets it.
@@ -33,12 +41,19 @@ from torch import Tensor, nn
 
 from pcrl.config import ConfigError
 from pcrl.model import PCRLv2Encoder
-from pcrl.tasks import Patches, lesion_patches, read_cases
+from pcrl.tasks import Patches, aal_patches, lesion_patches, probe_task, read_aal, read_cases
 
 if TYPE_CHECKING:
     from pcrl.config import PretrainConfig
 
-__all__ = ["LinearProbe", "leave_one_case_out", "patch_features", "probe_patches"]
+__all__ = [
+    "LinearProbe",
+    "class_accuracy",
+    "class_auc",
+    "leave_one_case_out",
+    "patch_features",
+    "probe_patches",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -50,13 +65,20 @@ def probe_patches(
     per_class: int,
     seed: int,
     names: Sequence[str] | None = None,
+    task: str = "lesion",
 ) -> Patches:
-    """The probe's fixed set: ``per_class`` lesion and background patches of ``size`` from every case.
+    """The probe's fixed set of patches of ``size``: for ``task="lesion"``, ``per_class`` lesion and
+    background patches from every case; for ``"aal"``, ``per_class`` patches per AAL lobe and hemisphere;
+    ``"auto"`` is ``aal`` when ``folder`` holds its data, else ``lesion``.
 
     Raises:
-        FileNotFoundError: no labelled cases in ``folder``.
-        ValueError: fewer than two cases (leave-one-case-out needs two).
+        FileNotFoundError: no labelled cases (or no Colin27 data for ``aal``) in ``folder``.
+        ValueError: fewer than two cases (leave-one-case-out needs two), or ``names`` with the AAL task.
     """
+    if probe_task(folder, task) == "aal":
+        if names:
+            raise ValueError(f"names {list(names)} select lesion cases; the AAL task has none (task=lesion?)")
+        return aal_patches(read_aal(folder), size, per_class, seed)
     cases = read_cases(folder, ct_window, names)
     if len(cases) < 2:
         raise ValueError(f"{folder}: the probe needs at least two labelled cases, got {len(cases)}")
@@ -90,33 +112,54 @@ def leave_one_case_out(
 
     Args:
         features: (N, D) float.
-        labels: (N,) 0/1.
+        labels: (N,) class indices 0..K-1 (K >= 2).
         cases: (N,) case index of each row; at least two distinct values.
         regularization: inverse L2 strength (scikit-learn's ``C``).
         seed: the solver's seed.
 
     Returns:
-        ``{"probe/accuracy", "probe/auc"}`` (AUC is 0.5 when the held-out labels hold one class only).
+        ``{"probe/accuracy", "probe/auc"}``: accuracy of the most probable class; AUC of the positive class for
+        K = 2, else one-vs-rest macro AUC (0.5 when the held-out labels hold one class only).
     """
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     x, y, g = features.double().numpy(), labels.numpy(), cases.numpy()
-    scores = np.zeros(len(y))
+    k = max(2, int(y.max()) + 1)
+    scores = np.full((len(y), k), 1.0 / k)  # a fold without two classes to learn from predicts chance
     for case in np.unique(g):
         train, test = g != case, g == case
         if len(np.unique(y[train])) < 2:
-            scores[test] = 0.5
             continue
         clf = make_pipeline(
             StandardScaler(), LogisticRegression(C=regularization, max_iter=2000, random_state=seed)
         )
         clf.fit(x[train], y[train])
-        scores[test] = clf.predict_proba(x[test])[:, 1]
-    auc = float(roc_auc_score(y, scores)) if len(np.unique(y)) == 2 else 0.5
-    return {"probe/accuracy": float(np.mean((scores >= 0.5) == (y == 1))), "probe/auc": auc}
+        fold = np.zeros((int(test.sum()), k))  # classes missing from training get probability 0
+        fold[:, clf.classes_] = clf.predict_proba(x[test])
+        scores[test] = fold
+    return {"probe/accuracy": class_accuracy(y, scores), "probe/auc": class_auc(y, scores)}
+
+
+def class_accuracy(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Accuracy of (N, K) class probabilities against (N,) labels (K = 2: positive when p1 >= 0.5)."""
+    pred = (probs[:, 1] >= 0.5).astype(int) if probs.shape[1] == 2 else probs.argmax(1)
+    return float(np.mean(pred == labels))
+
+
+def class_auc(labels: np.ndarray, probs: np.ndarray) -> float:
+    """ROC AUC of (N, K) class probabilities: of the positive class for K = 2, else one-vs-rest macro over the
+    classes present; 0.5 when ``labels`` hold one class only."""
+    from sklearn.metrics import roc_auc_score
+
+    present = np.unique(labels)
+    if len(present) < 2:
+        return 0.5
+    if probs.shape[1] == 2:
+        return float(roc_auc_score(labels, probs[:, 1]))
+    # One-vs-rest per class present (macro); scikit-learn's multi_class="ovr" needs every column present.
+    return float(np.mean([roc_auc_score(labels == c, probs[:, c]) for c in present]))
 
 
 def _encoder_like(model: nn.Module) -> PCRLv2Encoder:
@@ -163,14 +206,20 @@ class LinearProbe:
             raise ConfigError(
                 f"probe.patch_size: {list(pc.patch_size)} must be divisible by {factor} (2^(model.depth-1))"
             )
+        if pc.names and probe_task(pc.cases, pc.task) == "aal":
+            raise ConfigError(
+                f"probe.names: {list(pc.names)} selects lesion cases, but probe.task={pc.task} uses the AAL task "
+                f"({pc.cases} holds the Colin27 data); set probe.task=lesion, or probe.names=[]"
+            )
         try:
             patches = probe_patches(
-                pc.cases, cfg.data.ct_window, pc.patch_size, pc.per_class, pc.seed, pc.names
+                pc.cases, cfg.data.ct_window, pc.patch_size, pc.per_class, pc.seed, pc.names, pc.task
             )
         except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"probe.cases={pc.cases}: {e}") from None
+            raise ConfigError(f"probe.cases={pc.cases} (probe.task={pc.task}): {e}") from None
         logger.info(
-            "linear probe every %d steps on %d patches of %d cases",
+            "linear probe (%s task) every %d steps on %d patches of %d cases",
+            probe_task(pc.cases, pc.task),
             cfg.eval.every,
             len(patches),
             len(torch.unique(patches.cases)),

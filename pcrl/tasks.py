@@ -9,7 +9,14 @@ the shards' intensity policy. This module maps them to [0, 1] the way the pretra
 * **background** patches hold no lesion voxel at all, and their centre's intensity lies within the lesion's
   own 5–95 % intensity range (label 0), so brightness alone does not separate the classes.
 
-Tasks use them leave-one-case-out: patches of the held-out case are never trained on.
+Tasks use them leave-one-case-out: patches of the held-out case are never trained on. These cases are the
+demo's pretraining volumes, so the lesion tasks are not disjoint from pretraining data.
+
+The **AAL task** (:func:`read_aal`, :func:`aal_patches`) uses a volume pretraining never sees: the Colin27 T1
+with its AAL atlas (``python -m data_prep.labelled --task aal`` writes ``colin27.npz`` and ``aal.json`` in the
+same folder). The 116 AAL regions are grouped into lobes by the atlas's own codes (:data:`AAL_LOBES`); a patch
+is centred on a voxel of a lobe and labelled with it; the two "cases" are the hemispheres. See
+:func:`aal_patches` for why that split keeps train and test apart.
 
 Example::
 
@@ -31,9 +38,35 @@ from torch import Tensor
 
 from pcrl.data import to_unit_range
 
-__all__ = ["LabelledCase", "Patches", "lesion_patches", "lesion_roi", "normalise_patches", "read_cases"]
+__all__ = [
+    "AAL_LOBES",
+    "AalVolume",
+    "LabelledCase",
+    "Patches",
+    "aal_patches",
+    "aal_starts",
+    "lesion_patches",
+    "lesion_roi",
+    "normalise_patches",
+    "probe_task",
+    "read_aal",
+    "read_cases",
+]
 
 _CASES = "cases.json"
+_AAL = "aal.json"
+
+AAL_LOBES: dict[int, str] = {
+    2: "frontal",
+    5: "occipital",
+    6: "parietal",
+    7: "deep grey",
+    8: "temporal",
+    9: "cerebellum",
+}
+"""Classes of the AAL task: the thousands of an AAL region code → class name (2xxx frontal ... 9xxx cerebellum).
+The small insula (3xxx) and the limbic group (4xxx, mostly cingulate cortex hugging the midline, where few
+patches fit inside one hemisphere) are left out, as is the vermis (no hemisphere)."""
 
 
 @dataclass(frozen=True)
@@ -212,3 +245,134 @@ def lesion_roi(case: LabelledCase, size: Sequence[int]) -> tuple[slice, slice, s
             stop = min(n, start + s)
         out.append(slice(start, stop))
     return tuple(out)  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class AalVolume:
+    """The Colin27 T1 with its AAL regions grouped into the classes of :data:`AAL_LOBES`.
+
+    Attributes:
+        image: (X, Y, Z) float32 in [0, 1], RAS+ at 1 mm.
+        classes: (X, Y, Z) int64 class index into ``class_names``; -1 outside the classes.
+        hemisphere: (X, Y, Z) int8, 0 left, 1 right, -1 neither (vermis, outside the atlas).
+        midline_x: x index of the interhemispheric plane (world x = 0).
+        class_names: the class names, in label order.
+    """
+
+    image: Tensor
+    classes: Tensor
+    hemisphere: Tensor
+    midline_x: float
+    class_names: tuple[str, ...]
+
+
+def probe_task(folder: str | Path, task: str) -> str:
+    """``aal`` or ``lesion``: ``task`` itself, or for ``auto`` the AAL task when ``folder`` holds its data
+    (``aal.json``), else the lesion task."""
+    if task != "auto":
+        return task
+    return "aal" if (Path(folder) / _AAL).is_file() else "lesion"
+
+
+def read_aal(folder: str | Path) -> AalVolume:
+    """Read ``colin27.npz`` of ``folder`` and group its AAL regions into :data:`AAL_LOBES`.
+
+    Raises:
+        FileNotFoundError: no ``aal.json`` in ``folder`` (the message gives the command that makes it).
+    """
+    folder = Path(folder)
+    index = folder / _AAL
+    if not index.is_file():
+        raise FileNotFoundError(
+            f"{folder}: no Colin27/AAL data ({_AAL} missing); make it with python -m data_prep.labelled "
+            f"--task aal --output {folder}"
+        )
+    meta = json.loads(index.read_text())
+    with np.load(folder / meta["file"], allow_pickle=False) as npz:
+        image = to_unit_range(npz["image"], "mr", (0.0, 1.0))
+        regions = npz["regions"].astype(np.int64)
+        names = [str(n) for n in npz["region_names"]]
+        codes = npz["region_codes"]
+        midline = float(npz["midline_x"])
+    lobes = list(AAL_LOBES)
+    # Lookup tables indexed by region (0 = no region): its class and its hemisphere.
+    cls_of = np.full(len(names) + 1, -1, dtype=np.int64)
+    side_of = np.full(len(names) + 1, -1, dtype=np.int8)
+    for r, (name, code) in enumerate(zip(names, codes, strict=True), start=1):
+        if int(code) // 1000 in AAL_LOBES:
+            cls_of[r] = lobes.index(int(code) // 1000)
+        side_of[r] = 0 if name.endswith("_L") else 1 if name.endswith("_R") else -1
+    return AalVolume(
+        image,
+        torch.from_numpy(cls_of[regions]),
+        torch.from_numpy(side_of[regions]),
+        midline,
+        tuple(AAL_LOBES.values()),
+    )
+
+
+def aal_starts(
+    atlas: AalVolume, size: Sequence[int], per_class: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where the patches of :func:`aal_patches` start: ``per_class`` per class and hemisphere, each centred
+    (``start + size // 2``) on a voxel of its class and hemisphere, the whole patch on that side of the
+    midline plane. Deterministic for a given ``seed``.
+
+    Returns:
+        ``starts`` (N, 3) voxel corners, ``labels`` (N,) class indices, ``sides`` (N,) 0 left / 1 right;
+        left hemisphere first, class by class.
+
+    Raises:
+        ValueError: a class has no position in a hemisphere where the patch fits (patch too large).
+    """
+    rng = np.random.default_rng([seed, 0xAA1])
+    size = [int(v) for v in size]
+    sx, sy, sz = size
+    shape = atlas.image.shape
+    mid = int(np.floor(atlas.midline_x))
+    # Centre ranges [lo, hi) per axis for which the whole patch fits: left patches end at or before the
+    # midline column, right patches start after it.
+    x_ranges = ((sx // 2, mid - sx + sx // 2 + 1), (mid + 1 + sx // 2, shape[0] - sx + sx // 2 + 1))
+    y_range, z_range = (sy // 2, shape[1] - sy + sy // 2 + 1), (sz // 2, shape[2] - sz + sz // 2 + 1)
+    starts, labels, sides = [], [], []
+    for side, (x0, x1) in enumerate(x_ranges):
+        window = (slice(x0, x1), slice(*y_range), slice(*z_range))
+        offset = np.array([x0, y_range[0], z_range[0]]) - np.array(size) // 2
+        side_mask = atlas.hemisphere[window] == side
+        for c, name in enumerate(atlas.class_names):
+            where = torch.nonzero((atlas.classes[window] == c) & side_mask).numpy()
+            if len(where) == 0:
+                raise ValueError(
+                    f"AAL class {name!r}: no {size} patch centred in it fits in the "
+                    f"{('left', 'right')[side]} hemisphere; use a smaller patch size"
+                )
+            starts.append(where[rng.integers(0, len(where), per_class)] + offset)
+            labels += [c] * per_class
+            sides += [side] * per_class
+    return np.concatenate(starts), np.array(labels), np.array(sides)
+
+
+def aal_patches(atlas: AalVolume, size: Sequence[int], per_class: int, seed: int) -> Patches:
+    """``per_class`` patches of ``size`` (x, y, z) per class and hemisphere (:func:`aal_starts`).
+
+    The split is by hemisphere (``cases`` 0 = left, 1 = right): a left patch lies wholly left of the midline
+    plane and a right patch wholly right of it (the midline voxel column belongs to neither), so a classifier
+    trained on one hemisphere and scored on the other never sees a test voxel. Random patches of one volume
+    would overlap their neighbours across the split and reward memorised texture; the hemispheres are two
+    real, homologous but distinct instances of every lobe. Right-hemisphere patches are mirrored in x so that
+    both hemispheres show the lobes in the same orientation (the task is anatomy, not left-right invariance).
+
+    Returns:
+        :class:`Patches` (z-normalised per patch), left hemisphere first, class by class; ``labels`` the class
+        index, ``masks`` the class map + 1 of each patch (0 = none of the classes).
+
+    Raises:
+        ValueError: a class has no position in a hemisphere where the patch fits (patch too large).
+    """
+    starts, labels, sides = aal_starts(atlas, size, per_class, seed)
+    crops = [tuple(slice(int(a), int(a) + int(s)) for a, s in zip(st, size, strict=True)) for st in starts]
+    images = torch.stack([atlas.image[c] for c in crops])[:, None]
+    masks = torch.stack([atlas.classes[c] + 1 for c in crops])[:, None]
+    right = torch.from_numpy(sides == 1)
+    images[right], masks[right] = images[right].flip(2), masks[right].flip(2)
+    return Patches(normalise_patches(images), torch.from_numpy(labels), masks, torch.from_numpy(sides))

@@ -6,6 +6,7 @@ import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -72,6 +73,18 @@ def labelled_cases(sample_volumes: dict[str, Path]) -> Path:
 
 
 @pytest.fixture(scope="session")
+def aal_cases(labelled_cases: Path) -> Path:
+    """The Colin27 T1 with its AAL atlas (``python -m data_prep.labelled --task aal``) in the labelled folder:
+    fetched once with ``apt-get download mricron-data`` (16 MB, no root) into the cache. Returns the folder
+    (with ``aal.json``; the probe's ``auto`` task is then the AAL task)."""
+    from data_prep.fetch import fetch_samples
+    from data_prep.labelled import prepare_aal
+
+    prepare_aal(fetch_samples(samples_dir(), sources=["colin27"]), labelled_cases)
+    return labelled_cases
+
+
+@pytest.fixture(scope="session")
 def tiny_run(sample_shards: Path, labelled_cases: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real 2-step pretraining (``python launch/pretrain.py``, tiny config, one process) with a checkpoint
     after each step and the online linear probe at step 2. Returns the run folder."""
@@ -86,7 +99,7 @@ def tiny_run(sample_shards: Path, labelled_cases: Path, tmp_path_factory: pytest
         f"data.shards={sample_shards}", f"run.output_dir={out}", "run.name=tiny", "train.max_steps=2",
         "train.checkpoint_every=1", "train.log_every=1", "data.num_workers=0", "tracking.image_every=0",
         "eval.every=2", "eval.volumes=2", "eval.pairs_per_volume=1", f"probe.cases={labelled_cases}",
-        "probe.names=[lung1,brain2,breast1]", "probe.per_class=3",
+        "probe.task=lesion", "probe.names=[lung1,brain2,breast1]", "probe.per_class=3",
     ]  # fmt: skip
     cmd = [
         sys.executable,
@@ -97,3 +110,18 @@ def tiny_run(sample_shards: Path, labelled_cases: Path, tmp_path_factory: pytest
     proc = subprocess.run([*cmd, *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out / "tiny"
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real Slurm cluster (tests/slurm_cluster.py: munged, slurmctld, slurmd n1 and n2 on 127.0.0.1),
+    one per session; skipped without Slurm or root (a failure under CI). Its daemons are stopped by PID."""
+    from slurm_cluster import SlurmCluster, require_slurm
+
+    require_slurm()
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
