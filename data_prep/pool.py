@@ -185,7 +185,9 @@ class Pool:
                                  logging_level=logging.WARNING, log_to_driver=False)  # fmt: skip
                     else:
                         ray.init(address=self.ray, logging_level=logging.WARNING)
-                except (ConnectionError, RuntimeError, ValueError) as e:
+                except (
+                    Exception
+                ) as e:  # ConnectionError, or a bare Exception when the node times out starting
                     raise PoolError(
                         f"--ray {self.ray}: cannot start or reach Ray ({type(e).__name__}: {str(e).strip()[:200]}); "
                         "pass the address of a running cluster (ray start --head prints it), auto, or local"

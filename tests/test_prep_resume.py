@@ -35,6 +35,23 @@ def test_shard_rerun_on_unchanged_input_writes_nothing(
     assert _state(sample_shards) == before
 
 
+def test_shard_killed_after_its_manifest_only_tidies_up(
+    sample_volumes: dict[str, Path], sample_shards: Path, tmp_path: Path
+) -> None:
+    """A job killed after writing its manifest (the set is complete) but before removing its journal: the
+    re-run recognises the complete set, removes the stale journal and rewrites nothing else."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(sample_shards, out)
+    (out / JOURNAL_NAME).write_text('{"fingerprint": "x"}\n')
+    before = {k: v for k, v in _state(out).items() if k != JOURNAL_NAME}
+    images = [sample_volumes[n] for n in image_names(sample_volumes)]
+    summary = shard_volumes(images, out, shard_size_mb=4, workers=1, progress=False)
+    assert summary.up_to_date
+    assert _state(out) == before
+
+
 def test_shard_rerun_with_other_options_needs_overwrite(
     sample_volumes: dict[str, Path], sample_shards: Path
 ) -> None:
