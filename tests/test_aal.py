@@ -23,7 +23,9 @@ TINY = REPO / "configs/pretrain/tiny.yaml"
 AAL = REPO / "configs/finetune/aal_classification.yaml"
 
 
-def test_colin27_is_fetched_once_and_prepared_like_the_shards(aal_cases: Path, tmp_path: Path) -> None:
+def test_colin27_is_fetched_once_and_prepared_like_the_shards(
+    aal_cases: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The cached source verifies and is not downloaded again; the prepared T1 is float16 in [0, 1] on the
     1 mm RAS grid with its 116 AAL regions and the midline at world x = 0."""
     from conftest import samples_dir
@@ -49,17 +51,18 @@ def test_colin27_is_fetched_once_and_prepared_like_the_shards(aal_cases: Path, t
         xs = np.nonzero(regions == names.index("Precentral_L") + 1)[0]
         assert xs.max() < 90 and np.nonzero(regions == names.index("Precentral_R") + 1)[0].min() > 90
 
-    # Without apt-get/dpkg-deb on PATH the error says what to install (and nothing is left behind).
-    import os
+    # A package apt does not know: apt-get's own reason and what to check, nothing left behind.
+    from data_prep.fetch import SOURCES, Source
 
-    old = os.environ["PATH"]
-    os.environ["PATH"] = str(tmp_path / "empty")
-    try:
-        with pytest.raises(FetchError, match=r"apt-get and dpkg-deb not found: .*install apt and dpkg"):
-            fetch_samples(tmp_path / "dest", sources=["colin27"])
-    finally:
-        os.environ["PATH"] = old
-    assert not any((tmp_path / "dest").glob("colin27*"))
+    missing = Source("nosuch", "pcrl-no-such-package", "*", sdist=False, default=False, installer="apt")
+    monkeypatch.setitem(SOURCES, "nosuch", missing)
+    with pytest.raises(FetchError, match=r"apt-get download: .*pcrl-no-such-package.*apt-get update"):
+        fetch_samples(tmp_path / "dest", sources=["nosuch"])
+    # Without apt-get/dpkg-deb on PATH the error says what to install (and nothing is left behind).
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(FetchError, match=r"apt-get and dpkg-deb not found: .*install apt and dpkg"):
+        fetch_samples(tmp_path / "dest", sources=["colin27"])
+    assert not any((tmp_path / "dest").glob("colin27*")) and not any((tmp_path / "dest").glob("nosuch*"))
 
 
 def test_aal_patches_split_by_hemisphere_without_shared_voxels(aal_cases: Path) -> None:
