@@ -30,7 +30,13 @@ run() {  # name, timeout, command...
   $PY - "$OUT/$name.json" <<'PYEOF' 2>/dev/null || true
 import json, sys
 r = json.load(open(sys.argv[1]))
-if "results" in r:
+if "sampler_ms" in r:  # bench/views.py
+    print(f"   sampler {r['sampler_ms']['new_volume']:.1f} ms/sample (new volume), load {r['loadavg']['before']:.1f}")
+    for k, v in r["results"].items():
+        print(f"   {k:10s} B={r['batch']:3d} rendering {v['render_samples_per_s']:8.1f} samples/s "
+              f"({v.get('render_x_torchio', float('nan')):6.1f}x torchio per core), "
+              f"end to end {v['end_to_end_samples_per_s']:8.1f}")
+elif "results" in r:  # bench/train_step.py
     for k, v in r["results"].items():
         mem = v.get("peak_mem_gib", 0)
         print(f"   {k:10s} B={r['batch']:3d} {v['samples_per_s']:8.1f} samples/s {v['tflops']:7.1f} TFLOP/s "
@@ -61,8 +67,9 @@ for s in range(n):
 torch.cuda.synchronize(); dt = (time.perf_counter() - t0) / n
 print(json.dumps({"views_ms_per_sample": dt * 1e3, "samples_per_s": 1 / dt, "note": "2 global + 6 local views, paper sizes, one sample per call"}))
 PYEOF
-# torch and DALI view renderers on the GPU against torchio on one CPU core (bench/views.py, same volumes)
-run views_bench 150 $PY bench/views.py --shards "${SHARDS:-.cache/demo/shards}" --samples 4 --gpu-samples 256 \
+# torch and DALI view renderers on the GPU against torchio on one CPU core (bench/views.py, same volumes and
+# pre-drawn geometry; GPU variants per wall second, CPU ones per CPU second of one thread)
+run views_bench 150 $PY bench/views.py --shards "${SHARDS:-.cache/demo/shards}" --samples 8 --gpu-samples 256 \
   --batch 32 --json
 if [ -n "${SHARDS:-}" ] && $PY -c "import deepspeed" 2>/dev/null; then
   echo "== engine (launch/pretrain.py, base.yaml, bf16 + channels-last, micro-batch 16)"

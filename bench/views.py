@@ -18,7 +18,8 @@ Two questions, answered separately because the reference and pcrl split the work
     on its own — ``sampler_ms.new_volume`` when every sample comes from a new volume
     (``views.pairs_per_volume: 1``, the default: the tissue filter's integral image is built each time) and
     ``sampler_ms.same_volume`` for further pairs of a volume already scored — and
-    ``end_to_end_samples_per_s = 1 / (sampler + 1 / render rate)`` (one thread does both, one after the other).
+    ``end_to_end_samples_per_s = 1 / (sampler + 1 / render rate)`` (one thread does both, one after the other;
+    for a GPU variant: one CPU core drawing for the GPU, as one loader worker does).
 
 CPU variants run on one thread (torch.set_num_threads(1); SimpleITK's global thread count 1 for torchio; one
 DALI thread) and are measured in CPU time of this process (all its threads), so the ratios are per core and

@@ -426,7 +426,9 @@ def view_affines(boxes: Sequence[Box], out_size: Sequence[int], params: SpatialP
 # (per sample, on the CPU, in loader workers) draws every random number of a sample from its seed and cuts
 # the volume regions its views read; :func:`collate_draws` stacks a batch of draws; :meth:`PCRLv2Views.render`
 # renders a whole batch with one ``grid_sample`` per view size and batched intensity steps, on the CPU or the
-# GPU. ``PCRLv2Views(cfg)(volume, seed)`` does all three for one sample.
+# GPU. ``PCRLv2Views(cfg)(volume, seed)`` does all three for one sample. A draw is itself :meth:`PCRLv2Views.plan`
+# (every random choice, the geometry sampler included) then :meth:`PCRLv2Views.cut` (affines and regions), so
+# that ``bench/views.py`` can time rendering apart from sampling.
 
 
 def _sample_extent(affines: Tensor, out_size: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
