@@ -6,6 +6,7 @@ import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -109,3 +110,18 @@ def tiny_run(sample_shards: Path, labelled_cases: Path, tmp_path_factory: pytest
     proc = subprocess.run([*cmd, *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out / "tiny"
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real Slurm cluster (tests/slurm_cluster.py: munged, slurmctld, slurmd n1 and n2 on 127.0.0.1),
+    one per session; skipped without Slurm or root (a failure under CI). Its daemons are stopped by PID."""
+    from slurm_cluster import SlurmCluster, require_slurm
+
+    require_slurm()
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
