@@ -194,8 +194,11 @@ def test_tissue_integral_equals_exact_score_on_random_boxes():
     vol = (torch.rand(40, 36, 30, generator=g) < 0.3).float() * 0.4 + smooth_volume((40, 36, 30), 4) * 0.6
     lo, hi = np.array([2, 3, 1]), np.array([38, 36, 29])
     rng = np.random.default_rng(0)
-    for depth in (2, 3, 4, 5):
-        integral = TissueIntegral(vol, 0.45, depth, lo.tolist(), hi.tolist())
+    for depth, wrapped in ((2, False), (3, False), (3, True), (4, True), (5, False)):
+        # wrapped: sums modulo 2^16 (uint16), exact while a box's x·y area stays under max_box_area
+        area = int((hi - lo)[:2].prod()) if wrapped else None
+        integral = TissueIntegral(vol, 0.45, depth, lo.tolist(), hi.tolist(), max_box_area=area)
+        assert integral.integral.dtype == (np.uint16 if wrapped else np.int32)
         sizes = rng.integers([1, 1, depth], hi - lo + 1, size=(300, 3))
         starts = rng.integers(lo, hi - sizes + 1)
         fast = integral.scores(starts, sizes)
