@@ -255,22 +255,13 @@ class Discovery:
         )
 
 
-def find_inputs(
-    inputs: Sequence[Path], exclude: Sequence[str] = (), split_gaps: bool = False, pool: Pool | None = None
-) -> Discovery:
-    """Files given directly and files found recursively under folders, minus ``exclude``, as volumes.
-
-    NIfTI/NRRD/MetaImage files are one volume each. DICOM files (``.dcm``/``.ima`` or the ``DICM`` magic)
-    have their headers read and are grouped into series (:func:`data_prep.dicom.group_series`, per input
-    root); a file whose header says it is no image (RTSTRUCT, SR, no pixel data) or that cannot be parsed is
-    rejected here. Other files under a folder are listed as ignored. With a parallel ``pool`` the headers
-    are read by its workers, in batches.
+def list_files(inputs: Sequence[Path], exclude: Sequence[str] = ()) -> list[InputFile]:
+    """Every file given directly or found recursively under a folder, minus ``exclude``, sorted by path.
 
     Raises:
-        FileNotFoundError: an input does not exist, or no volume or DICOM file is found at all.
+        FileNotFoundError: an input does not exist.
     """
     found: dict[Path, InputFile] = {}
-    ignored: list[Rejected] = []
     for raw in inputs:
         path = Path(raw).expanduser()
         if path.is_dir():
@@ -287,12 +278,36 @@ def find_inputs(
     def excluded(item: InputFile) -> bool:
         return any(fnmatch.fnmatch(item.path.name, g) or fnmatch.fnmatch(item.source, g) for g in exclude)
 
+    return sorted((i for i in found.values() if not excluded(i)), key=lambda i: str(i.path))
+
+
+def find_inputs(
+    inputs: Sequence[Path],
+    exclude: Sequence[str] = (),
+    split_gaps: bool = False,
+    pool: Pool | None = None,
+    files: Sequence[InputFile] | None = None,
+) -> Discovery:
+    """Files given directly and files found recursively under folders, minus ``exclude``, as volumes.
+
+    NIfTI/NRRD/MetaImage files are one volume each. DICOM files (``.dcm``/``.ima`` or the ``DICM`` magic)
+    have their headers read and are grouped into series (:func:`data_prep.dicom.group_series`, per input
+    root); a file whose header says it is no image (RTSTRUCT, SR, no pixel data) or that cannot be parsed is
+    rejected here. Other files under a folder are listed as ignored. With a parallel ``pool`` the headers
+    are read by its workers, in batches. ``files``: the :func:`list_files` of the same arguments, when the
+    caller has it already.
+
+    Raises:
+        FileNotFoundError: an input does not exist, or no volume or DICOM file is found at all.
+    """
+    files = list_files(inputs, exclude) if files is None else files
+    ignored: list[Rejected] = []
     explicit = {Path(r).expanduser().absolute() for r in inputs if Path(r).expanduser().is_file()}
     items: list[Item] = []
     headers: dict[Path, list[DicomHeader]] = {}
     rejects: list[Rejected] = []
     dicom: list[InputFile] = []
-    for f in sorted((i for i in found.values() if not excluded(i)), key=lambda i: str(i.path)):
+    for f in files:
         if volume_suffix(f.path) is not None:
             items.append(f)
         elif is_dicom(f.path):
@@ -692,6 +707,21 @@ def _read_journal(path: Path, fingerprint: str) -> list[dict[str, Any]] | None:
         return None
 
 
+def _completed(output: Path, fingerprint: str) -> Summary | None:
+    """The summary of ``output`` when it holds the complete result of the job ``fingerprint``, else None."""
+    if not (output / MANIFEST_NAME).exists():
+        return None
+    try:
+        previous = json.loads((output / SUMMARY_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if previous.get("fingerprint") != fingerprint:
+        return None
+    # Killed between the manifest (the set is complete) and removing the journal: only tidy up.
+    (output / JOURNAL_NAME).unlink(missing_ok=True)
+    return Summary.from_dict(previous)
+
+
 def _prepare_output(output: Path, overwrite: bool, fingerprint: str = "") -> Resume:
     """Check the output folder and find what can be reused.
 
@@ -707,18 +737,14 @@ def _prepare_output(output: Path, overwrite: bool, fingerprint: str = "") -> Res
     existing = [p for p in ours if p.exists()]
     journal = output / JOURNAL_NAME
     resume = Resume()
-    if not overwrite and fingerprint and (output / MANIFEST_NAME).exists():
-        try:
-            previous = json.loads((output / SUMMARY_NAME).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            previous = {}
-        if previous.get("fingerprint") == fingerprint:
-            # Killed between the manifest (the set is complete) and removing the journal: only tidy up.
-            journal.unlink(missing_ok=True)
-            return Resume(done=Summary.from_dict(previous))
-    elif not overwrite and fingerprint and journal.exists():
+    same_job = False  # a journal of this job: whatever it left in the folder is ours to reuse or remove
+    if not overwrite and fingerprint and (done := _completed(output, fingerprint)) is not None:
+        return Resume(done=done)
+    if not overwrite and fingerprint and journal.exists() and not (output / MANIFEST_NAME).exists():
         entries = _read_journal(journal, fingerprint)
         if entries is not None:
+            # Even with no entries: killed after renaming its first shard or array, before journaling it.
+            same_job = True
             resume = Resume(entries)
             # Drop a line cut by the kill before appending to the journal again.
             header = json.dumps({"fingerprint": fingerprint, "format_version": FORMAT_VERSION})
@@ -734,7 +760,7 @@ def _prepare_output(output: Path, overwrite: bool, fingerprint: str = "") -> Res
                 f"{output} holds an interrupted job with other inputs or options ({JOURNAL_NAME}); pass --overwrite "
                 "or choose an empty folder"
             )
-    if existing and not overwrite and not resume.entries:
+    if existing and not overwrite and not same_job:
         raise FileExistsError(
             f"{output} already holds a shard set of other inputs or options ({existing[0].name}, ...); pass "
             "--overwrite or choose an empty folder"
@@ -808,8 +834,9 @@ class Summary:
 _RUN_ONLY_OPTIONS = ("workers", "ray", "progress", "overwrite", "max_reject_fraction")
 
 
-def fingerprint(found: Discovery, opts: ShardOptions) -> str:
-    """Identify a job by its input files (source, size, mtime) and output-relevant options."""
+def fingerprint(paths: Sequence[Path], opts: ShardOptions) -> str:
+    """Identify a job by its input files (path, size, mtime: every file :func:`list_files` finds, the same
+    set a :class:`Discovery` accounts for) and output-relevant options."""
     h = hashlib.sha256()
     options = {k: v for k, v in dataclasses.asdict(opts).items() if k not in _RUN_ONLY_OPTIONS}
     # 4 and 4.0 MB are the same job (the CLI gives floats, Python callers often ints).
@@ -819,8 +846,6 @@ def fingerprint(found: Discovery, opts: ShardOptions) -> str:
     if not opts.crop_body:
         del options["crop_body"]  # added later: jobs without it keep the fingerprint they had
     h.update(json.dumps(options, sort_keys=True, default=str).encode())
-    paths = [p for i in found.items for p in (i.paths if isinstance(i, InputSeries) else (i.path,))]
-    paths += [Path(r.path) for r in (*found.rejects, *found.ignored)]
     for path in sorted(paths, key=str):
         st = path.stat()
         h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -877,9 +902,17 @@ def shard_volumes(inputs: Sequence[Path], output: Path, **options: Any) -> Summa
 def _start(
     inputs: Sequence[Path], output: Path, opts: ShardOptions, pool: Pool
 ) -> tuple[Sequence[Path], Path, ShardOptions, Discovery, Resume]:
-    """Everything that can fail because of the user's request, before any volume is read."""
-    found = find_inputs(inputs, opts.exclude, split_gaps=opts.series_gaps == "split", pool=pool)
-    resume = _prepare_output(output, opts.overwrite, fingerprint(found, opts))
+    """Everything that can fail because of the user's request, before any volume is read.
+
+    A folder that already holds this job's complete output is recognised from the file listing alone,
+    before any DICOM header is read (a no-op re-run of millions of DICOM files reads none of them).
+    """
+    files = list_files(inputs, opts.exclude)
+    job = fingerprint([f.path for f in files], opts)
+    if not opts.overwrite and (done := _completed(output, job)) is not None:
+        return inputs, output, opts, Discovery([], [], []), Resume(done=done)
+    found = find_inputs(inputs, opts.exclude, opts.series_gaps == "split", pool, files)
+    resume = _prepare_output(output, opts.overwrite, job)
     return inputs, output, opts, found, resume
 
 
@@ -957,7 +990,11 @@ def _run(
             },
         },
         versions=_versions(),
-        fingerprint=fingerprint(found, opts),
+        fingerprint=fingerprint(
+            [p for i in found.items for p in (i.paths if isinstance(i, InputSeries) else (i.path,))]
+            + [Path(r.path) for r in (*found.rejects, *found.ignored)],
+            opts,
+        ),
         resumed=resume.next_index,
     )
     items = found.items

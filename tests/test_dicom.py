@@ -151,6 +151,26 @@ def test_shard_dicom_series_gives_the_nrrd_sample(
     assert line["source"].startswith("ct/series-") and "1.2." not in line["source"]
 
 
+def test_shard_dicom_rerun_reads_no_header(
+    lung1_series: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A re-run of a finished DICOM job is recognised from the file listing alone: it reads no header (a
+    no-op re-run over millions of slice files must not parse them all) and writes nothing."""
+    from data_prep import shard
+
+    out = tmp_path / "out"
+    shard_volumes([lung1_series[0].parents[1]], out, workers=1, progress=False)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+
+    def no_headers(*args, **kwargs):
+        raise AssertionError("headers were read on an unchanged re-run")
+
+    monkeypatch.setattr(shard, "_read_headers", no_headers)
+    summary = shard_volumes([lung1_series[0].parents[1]], out, workers=1, progress=False)
+    assert summary.up_to_date and summary.accepted == 1
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
 @pytest.fixture(scope="module")
 def bad_dicom(sample_volumes: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     """A folder of small real-CT series (a 64×64×12 crop of lung1), each with one defect, plus pydicom's own

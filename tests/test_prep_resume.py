@@ -52,6 +52,31 @@ def test_shard_killed_after_its_manifest_only_tidies_up(
     assert _state(out) == before
 
 
+def test_shard_killed_before_journaling_its_first_shard_resumes(
+    sample_volumes: dict[str, Path], sample_shards: Path, tmp_path: Path
+) -> None:
+    """The state a kill leaves between renaming the first complete shard and journaling it: shards on disk,
+    a journal of this job with no entries, no manifest. The re-run must take them as its own leftovers
+    (not as another job's set that needs --overwrite) and end byte-identical."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(sample_shards, out)
+    job = json.loads((out / "summary.json").read_text())["fingerprint"]
+    for name in ["manifest.jsonl", "rejects.jsonl", "summary.json", "qa.png"]:
+        (out / name).unlink()
+    (out / JOURNAL_NAME).write_text(json.dumps({"fingerprint": job, "format_version": 1}) + "\n")
+    images = [sample_volumes[n] for n in image_names(sample_volumes)]
+    summary = shard_volumes(images, out, shard_size_mb=4, workers=1, progress=False)
+    assert summary.accepted == 4 and summary.resumed == 0
+    for name in [
+        "manifest.jsonl",
+        "rejects.jsonl",
+        *sorted(p.name for p in sample_shards.glob("shard-*.tar")),
+    ]:
+        assert (out / name).read_bytes() == (sample_shards / name).read_bytes(), name
+
+
 def test_shard_rerun_with_other_options_needs_overwrite(
     sample_volumes: dict[str, Path], sample_shards: Path
 ) -> None:
