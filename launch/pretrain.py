@@ -16,7 +16,9 @@ SIGTERM on (then exits 1, whatever the training's status) but dies of SIGUSR1 an
 
 Exit status: 0 done, 2 bad config or command line, 3 non-finite loss, 4 too many unreadable volumes
 (data.bad_volumes, data.max_bad_fraction), 5 a checkpoint could not be written (full disk; the previous one
-is intact), 75 preempted (checkpoint saved, relaunch to continue).
+is intact), 75 preempted (checkpoint saved, relaunch to continue), 76 another rank died or stopped answering
+(message names it; relaunch to continue from the last checkpoint). Under the ``deepspeed`` launcher the
+launcher's own status is the dead rank's (e.g. 247 after a SIGKILL), and it stops the other ranks itself.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ from pcrl.config import ConfigError, PretrainConfig, load_config
 EXIT_PREEMPTED = 75
 """Exit status after a preemption signal: a checkpoint was saved; relaunch the same command to continue
 (EX_TEMPFAIL: a temporary failure, try again)."""
+EXIT_RANK_LOST = 76
+"""Exit status of the surviving ranks when another rank died or stopped answering (the message names it);
+relaunching continues from the last checkpoint (launch/slurm/pretrain.sbatch requeues a few times)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -100,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pcrl.checkpoint import CheckpointWriteError
     from pcrl.data import BadDataError
-    from pcrl.engine import NonFiniteLossError, Preempted, configure_logging, train
+    from pcrl.engine import NonFiniteLossError, Preempted, RankLost, configure_logging, train
 
     configure_logging()
     try:
@@ -117,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointWriteError as e:
         print(f"pretrain: stopped: {e}", file=sys.stderr)
         return 5
+    except RankLost as e:
+        print(f"pretrain: stopped: {e}", file=sys.stderr)
+        return EXIT_RANK_LOST
     except Preempted as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"pretrain: preempted: {e}; launch the same command again to continue", file=sys.stderr)

@@ -11,7 +11,9 @@ does, with a warning naming the bad one (a disk that filled up, a copy cut short
 rewritten when that happens.
 
 The client state holds plain data only (numbers, strings, lists, dicts and tensors), so it loads with
-``torch.load(weights_only=True)``. Its ``ranks`` entry lists every rank's own state (RNGs, data position),
+``torch.load(weights_only=True)``, and so does everything else: DeepSpeed's own loader unpickles anything
+(``weights_only=False``), so pcrl hands it a weights-only one, and a checkpoint file holding a pickled object
+(code that would run on load) is refused with its name. Its ``ranks`` entry lists every rank's own state (RNGs, data position),
 gathered before the save because DeepSpeed writes the client state of rank 0 alone.
 
 The run folder must be on a filesystem every node sees (resuming reads it from all ranks anyway).
@@ -23,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -177,8 +180,8 @@ def save_checkpoint(
             write_atomic(ckpt_dir / "latest", tag)
     except (OSError, RuntimeError) as e:
         # torch.save reports a failed write (ENOSPC included) as a plain RuntimeError; a failed collective
-        # is a DistError and not a storage fault.
-        if isinstance(e, torch.distributed.DistError):
+        # (a DistError, or gloo's RuntimeError when a peer died) is not a storage fault.
+        if distributed.peer_failure(e):
             raise
         # A full disk or an I/O error: `latest` still names the previous checkpoint, which nothing touched.
         # The partial tag goes, to give the space back; a relaunch resumes from the previous one.
@@ -260,6 +263,37 @@ def find_resume_tag(run_dir: Path) -> str | None:
     return tag
 
 
+def _plain_deepspeed_classes() -> list[Any]:
+    """DeepSpeed classes its own states hold that are plain data (ZeRO's stage number, loss scaler and slice
+    mappings): allowed by name, rebuilt from their fields without running code."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [DynamicLossScaler, LossScaler, ZeroStageEnum, fragment_address]
+
+
+def _load_weights_only(path: str, map_location: Any = None) -> Any:
+    """``torch.load(weights_only=True)`` for DeepSpeed's checkpoint engine.
+
+    Raises:
+        ConfigError: the file holds a pickled object other than plain data (names the file).
+    """
+    try:
+        with torch.serialization.safe_globals(_plain_deepspeed_classes()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message is a page of advice on how to load it anyway; keep only what it refused.
+        found = re.search(r"WeightsUnpickler error: (.*?)(?:\. |\n|$)", str(e))
+        reason = found.group(1) if found else str(e).strip().splitlines()[0] if str(e) else "unpickling error"
+        raise ConfigError(
+            f"checkpoint file {path} holds a pickled object, not plain data ({reason[:200]}); pcrl loads "
+            "checkpoints weights-only and refused it, since unpickling it could run code. pcrl never writes "
+            "such files: restore the checkpoint folder from a trusted copy, or delete that tag folder (a "
+            "relaunch then resumes from the newest earlier one)"
+        ) from None
+
+
 def load_checkpoint(engine: Any, run_dir: Path, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load checkpoint ``tag`` of ``run_dir`` into ``engine`` on every rank.
 
@@ -267,10 +301,13 @@ def load_checkpoint(engine: Any, run_dir: Path, tag: str) -> tuple[dict[str, Any
         The shared client state and this rank's own entry of it.
 
     Raises:
-        ConfigError: the checkpoint was written by another number of processes.
+        ConfigError: the checkpoint was written by another number of processes, or one of its files holds
+            a pickled object (refused before anything in it runs).
         RuntimeError: DeepSpeed could not load it.
     """
     ckpt_dir = checkpoint_dir(run_dir)
+    # Every file DeepSpeed reads goes through its checkpoint engine's load: shadow it with a weights-only one.
+    engine.checkpoint_engine.load = _load_weights_only
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None or client_state is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")

@@ -365,9 +365,18 @@ class TrainConfig:
     them); 0 keeps all. Keep at least 2, so a checkpoint damaged on disk has a predecessor to resume from."""
     log_every: int = 10
     """Log metrics every N steps."""
+    max_nonfinite_skips: int = 0
+    """Micro-batches whose loss is NaN/inf (on any rank) skipped, with a warning naming the step, before the
+    run stops (exit 3) at the next one; 0 = stop at the first. A skipped micro-batch adds no gradient, so
+    with ``grad_accum_steps=1`` its step makes no update. Counted as ``train/nonfinite_skips``."""
 
     def __post_init__(self) -> None:
         _check(self.max_steps >= 1, "train.max_steps", f"must be >= 1, got {self.max_steps}")
+        _check(
+            self.max_nonfinite_skips >= 0,
+            "train.max_nonfinite_skips",
+            f"must be >= 0, got {self.max_nonfinite_skips}",
+        )
         _check(
             self.micro_batch_size >= 2,
             "train.micro_batch_size",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ __all__ = [
     "is_main",
     "local_rank",
     "local_world_size",
+    "lost_ranks",
+    "peer_failure",
     "rank",
     "world_size",
 ]
@@ -116,6 +119,48 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def peer_failure(error: BaseException) -> bool:
+    """True when ``error`` is a collective that failed because another rank died or stopped answering:
+    torch's DistError family (nccl, the store) or gloo's RuntimeError ("Connection closed by peer",
+    "Timed out waiting ... for recv"), which names its source file under gloo/."""
+    if isinstance(error, dist.DistError):
+        return True
+    return isinstance(error, RuntimeError) and "gloo/" in str(error) and _initialized()
+
+
+def lost_ranks(wait_s: float = 10.0) -> list[int]:
+    """After a failed collective: the ranks that do not answer a roll call within ``wait_s``.
+
+    Each surviving rank writes its name into the rendezvous store (MASTER_ADDR:MASTER_PORT, a TCP store
+    that rank 0's process hosts under the deepspeed launcher and Slurm), then waits for the others. The
+    process group cannot be used for this: its collectives are what failed. When the store itself is gone,
+    rank 0 is the one lost (a survivor cannot tell more). Rank 0 stays until ``wait_s`` has passed, so
+    the store outlives every survivor's roll call. Returns ``[]`` in one process.
+    """
+    if not _initialized():
+        return []
+    me, world = rank(), world_size()
+    deadline = time.monotonic() + wait_s
+    try:
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=timedelta(seconds=max(1.0, wait_s / 2)),
+            wait_for_workers=False,
+        )
+        store.set(f"pcrl/alive/{me}", "1")
+        missing = [r for r in range(world) if r != me]
+        while missing and time.monotonic() < deadline:
+            missing = [r for r in missing if not store.check([f"pcrl/alive/{r}"])]
+            time.sleep(0.2)
+        if me == 0:
+            time.sleep(max(0.0, deadline - time.monotonic()) + 1.0)
+        return missing
+    except (RuntimeError, KeyError, ValueError):  # DistError is a RuntimeError
+        return [0] if me != 0 else []
 
 
 def init_distributed(timeout_s: int = 600) -> str:

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import random
+import re
 import resource
 import signal
 import sys
@@ -45,6 +46,7 @@ from pcrl.tracking import ConsoleProgress, Tracker
 __all__ = [
     "NonFiniteLossError",
     "Preempted",
+    "RankLost",
     "build_optimizer",
     "configure_logging",
     "cpu_has_bf16",
@@ -73,6 +75,30 @@ class Preempted(RuntimeError):
         super().__init__(f"{signal_name} received; saved a checkpoint at step {step} and stopped")
         self.step = step
         self.signal_name = signal_name
+
+
+class RankLost(RuntimeError):
+    """Another rank died or stopped answering, so a collective failed; this rank stops too.
+
+    Attributes:
+        ranks: the ranks that did not answer the roll call (empty when it could not tell).
+    """
+
+    def __init__(self, ranks: list[int], cause: BaseException, run_dir: Path) -> None:
+        who = f"rank {', '.join(map(str, ranks))}" if ranks else "another rank"
+        detail = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        # gloo wraps the useful part in its source location and advice ("... GLHF!").
+        detail = re.sub(r"^\[[^\]]*\]\s*", "", detail).split(". This is typically")[0]
+        pointer = run_dir / "checkpoints" / "latest"
+        try:
+            resume = f"resumes from checkpoint {pointer.read_text().strip()}"
+        except OSError:
+            resume = "starts over (no checkpoint was saved yet)"
+        super().__init__(
+            f"{who} was lost (its process ended or stopped answering: {detail[:300]}); this rank stops too. "
+            f"Launching the same command again {resume}; the lost rank's own output says why it ended"
+        )
+        self.ranks = ranks
 
 
 class _StopSignals:
@@ -282,11 +308,17 @@ def train(cfg: PretrainConfig, reporter: Reporter | None = None) -> dict[str, fl
         NonFiniteLossError: the loss became NaN/inf (names the step).
         ConfigError: a setting cannot work here (checked before any work starts).
         Preempted: a preemption signal arrived; the checkpoint of the step it names is saved.
+        RankLost: another rank died or stopped answering (within ``engine.dist_timeout_s``).
     """
     stop = _StopSignals()
     stop.install()
     try:
         return _train(cfg, reporter, stop)
+    except RuntimeError as e:
+        # A collective that failed because a peer died: say which rank, instead of gloo's socket error.
+        if not distributed.peer_failure(e):
+            raise
+        raise RankLost(distributed.lost_ranks(), e, cfg.run_dir) from e
     finally:
         stop.restore()
 
@@ -358,6 +390,7 @@ def _train(cfg: PretrainConfig, reporter: Reporter | None, stop: _StopSignals) -
     generator = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + rank)
     run_id = None
     window: dict[str, Any] = {"steps": 0, "sums": dict.fromkeys(LOSS_TERMS, 0.0)}
+    nonfinite_skips = 0
     if resume_tag is not None:
         shared, own = load_checkpoint(engine, run_dir, resume_tag)
         assert int(shared["step"]) == start_step, (shared["step"], resume_tag)
@@ -366,6 +399,7 @@ def _train(cfg: PretrainConfig, reporter: Reporter | None, stop: _StopSignals) -
         except ValueError as e:
             raise ConfigError(f"cannot resume {run_dir} from {resume_tag}: {e}") from None
         run_id = shared.get("mlflow_run_id")
+        nonfinite_skips = int(shared.get("nonfinite_skips", 0))
         generator.set_state(own["generator"])
         _set_rng_state(own["rng"])
         window = own["window"]
@@ -427,6 +461,9 @@ def _train(cfg: PretrainConfig, reporter: Reporter | None, stop: _StopSignals) -
     samples_per_step = ds_config["train_batch_size"]
     # A resumed run carries on the log window its checkpoint was taken in, so the logged means are exact.
     sums = dict(window["sums"])
+    # Micro-batches whose losses the window's sums hold (skipped non-finite ones are left out of the means).
+    accum = cfg.train.grad_accum_steps
+    window_micro = int(window.get("micro", window["steps"] * accum))
     window_steps, window_wait, window_t0 = int(window["steps"]), 0.0, time.perf_counter()
     last_metrics: dict[str, float] = {}
     status = "FAILED"
@@ -443,9 +480,29 @@ def _train(cfg: PretrainConfig, reporter: Reporter | None, stop: _StopSignals) -
                 window_wait += time.perf_counter() - t0
                 if keys_file is not None:
                     keys_file.write(json.dumps({"step": step + 1, "keys": list(batch["keys"])}) + "\n")
-                terms = train_step(engine, batch, beta, generator, step)
+                skip = nonfinite_skips < cfg.train.max_nonfinite_skips
+                try:
+                    terms = train_step(engine, batch, beta, generator, step, skip_nonfinite=skip)
+                except NonFiniteLossError as e:
+                    if not cfg.train.max_nonfinite_skips:
+                        raise
+                    raise NonFiniteLossError(
+                        f"{e} (after {nonfinite_skips} skipped, train.max_nonfinite_skips="
+                        f"{cfg.train.max_nonfinite_skips})"
+                    ) from None
+                if terms is None:
+                    nonfinite_skips += 1
+                    logger.warning(
+                        "the loss is non-finite at step %d; skipped that micro-batch (no gradient from it) "
+                        "(%d of train.max_nonfinite_skips=%d)",
+                        step + 1,
+                        nonfinite_skips,
+                        cfg.train.max_nonfinite_skips,
+                    )
+                    continue
+                window_micro += 1
                 for k in LOSS_TERMS:
-                    sums[k] += terms[k] / cfg.train.grad_accum_steps
+                    sums[k] += terms[k] / accum
             step += 1
             window_steps += 1
             console.update(step)
@@ -454,8 +511,11 @@ def _train(cfg: PretrainConfig, reporter: Reporter | None, stop: _StopSignals) -
             # An evaluation step is also a log step: the tracker records each step once, in one record.
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps or evaluate:
                 elapsed = time.perf_counter() - window_t0
+                counted = window_micro / accum
                 metrics = {
-                    f"loss/{'total' if k == 'loss' else k}": distributed.all_reduce_mean(v / window_steps)
+                    f"loss/{'total' if k == 'loss' else k}": distributed.all_reduce_mean(
+                        v / counted if counted else math.nan
+                    )
                     for k, v in sums.items()
                 }
                 samples_per_s = samples_per_step * window_steps / elapsed
@@ -471,6 +531,8 @@ def _train(cfg: PretrainConfig, reporter: Reporter | None, stop: _StopSignals) -
                         "memory/peak_gib": _peak_memory_gib(),
                     }
                 )
+                if cfg.train.max_nonfinite_skips:
+                    metrics["train/nonfinite_skips"] = float(nonfinite_skips)
                 if cfg.engine.precision == "fp16":
                     metrics.update(_loss_scale_metrics(engine))
                 if evaluate:
@@ -483,7 +545,7 @@ def _train(cfg: PretrainConfig, reporter: Reporter | None, stop: _StopSignals) -
                     reporter(metrics, step)
                 last_metrics = metrics
                 sums = dict.fromkeys(LOSS_TERMS, 0.0)
-                window_steps, window_wait, window_t0 = 0, 0.0, time.perf_counter()
+                window_steps, window_micro, window_wait, window_t0 = 0, 0, 0.0, time.perf_counter()
 
             if panel is not None and (step % cfg.tracking.image_every == 0 or step == cfg.train.max_steps):
                 # Rank 0 alone, no collective inside: the other ranks go on and wait at the next step.
@@ -502,6 +564,7 @@ def _train(cfg: PretrainConfig, reporter: Reporter | None, stop: _StopSignals) -
                     "step": step,
                     # Rank 0's (the state DeepSpeed saves); set late when MLflow was down at the start.
                     "mlflow_run_id": tracker.run_id,
+                    "nonfinite_skips": nonfinite_skips,
                     "config_hash": config_hash(cfg),
                     "config": config_to_dict(cfg),
                 }
@@ -511,7 +574,7 @@ def _train(cfg: PretrainConfig, reporter: Reporter | None, stop: _StopSignals) -
                     "data": loader.dataset.loader_state(
                         step * cfg.train.grad_accum_steps, cfg.data.num_workers
                     ),
-                    "window": {"steps": window_steps, "sums": dict(sums)},
+                    "window": {"steps": window_steps, "micro": window_micro, "sums": dict(sums)},
                 }
                 save_checkpoint(engine, cfg, step, shared, own)
             if preempted:
@@ -531,15 +594,29 @@ def _train(cfg: PretrainConfig, reporter: Reporter | None, stop: _StopSignals) -
 
 
 def train_step(
-    engine: Any, batch: dict[str, Any], beta: float, generator: torch.Generator, step: int
-) -> dict[str, float]:
+    engine: Any,
+    batch: dict[str, Any],
+    beta: float,
+    generator: torch.Generator,
+    step: int,
+    skip_nonfinite: bool = False,
+) -> dict[str, float] | None:
     """One micro-batch: forward, non-finite check on every rank, backward, step (DeepSpeed applies the
     update at the accumulation boundary). Returns the loss terms as floats.
 
+    With ``skip_nonfinite``, a non-finite loss returns None instead: no backward, so the micro-batch adds no
+    gradient, and the buffers its forward changed (BatchNorm running statistics, now NaN) are put back.
+    When accumulating, DeepSpeed still gets a backward of zero and its step, so its accumulation boundary
+    (and gradient all-reduce) stays in line with ours and the step's other micro-batches update; with one
+    micro-batch per step nothing is called, so the step changes nothing in the model.
+
     Raises:
-        NonFiniteLossError: the loss is NaN/inf on any rank, before the optimizer update.
+        NonFiniteLossError: the loss is NaN/inf on any rank (and ``skip_nonfinite`` is false), before the
+            optimizer update.
     """
     device = engine.device
+    # A copy of the buffers (a few numbers per BatchNorm channel), only while skips are allowed.
+    saved = [b.detach().clone() for b in engine.module.buffers()] if skip_nonfinite else []
     out = engine(
         batch["global_views"].to(device, non_blocking=True),
         batch["global_targets"].to(device, non_blocking=True),
@@ -551,10 +628,23 @@ def train_step(
     # Every rank must agree before backward, or a rank that stops alone leaves the others hanging in the
     # gradient all-reduce: reduce the loss once (one scalar, a host sync we need anyway for the check).
     total = distributed.all_reduce_mean(loss.detach().float())
+    if not math.isfinite(total) and skip_nonfinite:
+        with torch.no_grad():
+            for buffer, before in zip(engine.module.buffers(), saved, strict=True):
+                buffer.copy_(before)
+        if engine.gradient_accumulation_steps() > 1:
+            # Keep DeepSpeed's accumulation boundary in line with ours, through its own backward (which
+            # all-reduces the gradients at the boundary): a loss of zero that touches every parameter adds
+            # a zero gradient (0 · p has gradient 0 even where p is not finite).
+            zero = torch.stack([p.sum() for p in engine.module.parameters() if p.requires_grad]).sum() * 0.0
+            engine.backward(zero)
+            engine.step()
+        return None
     if not math.isfinite(total):
         raise NonFiniteLossError(
             f"the loss became non-finite ({total}) at step {step + 1}; stopping before the optimizer update. "
-            "Lower optim.lr, use engine.precision=fp32, or check the input volumes"
+            "Lower optim.lr, use engine.precision=fp32, check the input volumes, or allow a few skipped "
+            "steps with train.max_nonfinite_skips"
         )
     engine.backward(loss)
     engine.step()

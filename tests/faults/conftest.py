@@ -84,9 +84,14 @@ def mlflow_server(tmp_path: Path) -> Iterator[MlflowServer]:
         server.stop()
 
 
+# No fault case involves the periodic evaluation; rendering its held-out views costs every launch seconds.
+NO_EVAL = "eval.every=0"
+
+
 def launch(overrides: list[str], log: Path, nproc: int = 1) -> subprocess.Popen[bytes]:
-    """launch/pretrain.py on the tiny config in its own session (one process group to signal or kill)."""
-    script = [str(REPO / "launch/pretrain.py"), "--config", str(TINY), *overrides]
+    """launch/pretrain.py on the tiny config in its own session (one process group to signal or kill),
+    without the periodic evaluation unless ``overrides`` turn it back on."""
+    script = [str(REPO / "launch/pretrain.py"), "--config", str(TINY), NO_EVAL, *overrides]
     if nproc == 1:
         cmd = [sys.executable, *script]
     else:
