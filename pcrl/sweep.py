@@ -435,17 +435,28 @@ def run_sweep(
             ray.init(include_dashboard=False)
 
     trainable = tune.with_parameters(_run_trial, sweep=sweep, uri=uri)
-    per_trial = {"CPU": sweep.cpus_per_worker, "GPU": sweep.gpus_per_worker}
+    per_trial: dict[str, float] = {"CPU": sweep.cpus_per_worker, "GPU": sweep.gpus_per_worker}
+    concurrent = sweep.max_concurrent or None
     if sweep.workers_per_trial > 1:
-        per_trial = {"CPU": 0}  # the TorchTrainer's workers reserve their own resources
+        # The TorchTrainer's workers reserve their own resources; the trial only runs their controller. Tune
+        # refuses an empty request, and a sliver of a CPU would leave a full node's worker group one CPU
+        # short (it waits, then times out): the trial holds a token byte of memory instead.
+        per_trial = {"CPU": 0, "memory": 1}
+        if concurrent is None:
+            # Holding no CPU, every trial would start at once and their worker groups would wait for each
+            # other: as many trials at once as the cluster holds worker groups.
+            have = ray.cluster_resources()
+            fits = have.get("CPU", 0) // (sweep.workers_per_trial * sweep.cpus_per_worker)
+            if sweep.gpus_per_worker:
+                fits = min(fits, have.get("GPU", 0) // (sweep.workers_per_trial * sweep.gpus_per_worker))
+            concurrent = max(1, int(fits))
     trainable = tune.with_resources(trainable, per_trial)
-    callback = _TrialRuns(tracker, parent, sweep, base.train.max_steps)
 
     if resume:
+        # Tuner.restore (Ray 2.60) takes no run config: the callbacks are those pickled by the first launch.
+        # _TrialRuns reconnects in its setup() from sweep.json, so it nests the trials under this launch's
+        # parent run (a new one if MLflow was down at the first launch) without reaching into the Tuner.
         tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=False)
-        # The restored run config holds the callback of the first launch (pickled, its MLflow client
-        # dropped); this launch's own callback carries the current parent run.
-        tuner._local_tuner.get_run_config().callbacks = [callback]
     else:
         scheduler = None
         if sweep.scheduler.name == "asha":
@@ -466,14 +477,14 @@ def run_sweep(
                 num_samples=sweep.num_samples,
                 scheduler=scheduler,
                 search_alg=_searcher(sweep, metric, mode),
-                max_concurrent_trials=sweep.max_concurrent or None,
+                max_concurrent_trials=concurrent,
                 trial_dirname_creator=lambda trial: trial.trial_id,
             ),
             run_config=tune.RunConfig(
                 name="tune",
                 storage_path=str(sweep_dir),
                 failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-                callbacks=[callback],
+                callbacks=[_TrialRuns(state_file, base.tracking.experiment, sweep, base.train.max_steps)],
                 verbose=verbose,
             ),
         )
@@ -500,9 +511,11 @@ def config_to_dict_space(dim: ParamSpace) -> dict[str, Any]:
 def _finish(sweep: SweepConfig, grid: Any, metric: str, mode: str, uri: str, tracker: Any) -> SweepResult:
     """Pick the best trial (best value of the metric over its whole history), write best.yaml, log it."""
     outcomes: dict[str, str] = {}
+    configs: dict[str, dict[str, Any]] = {}
     best: tuple[float, str, dict[str, Any]] | None = None
     for result in grid:
         trial_id = Path(result.path).name
+        configs[trial_id] = dict(result.config)
         df = result.metrics_dataframe
         if result.error is not None:
             outcomes[trial_id] = "failed"
@@ -520,6 +533,11 @@ def _finish(sweep: SweepConfig, grid: Any, metric: str, mode: str, uri: str, tra
             best = (value, trial_id, dict(result.config))
     for trial_id, outcome in sorted(outcomes.items()):
         logger.info("trial %s: %s", trial_id, outcome)
+        if outcome == "stopped_early":
+            # Ray ends a stopped trial while its train() may still close its own run as FAILED, after the
+            # callback closed it as KILLED: now that every trial has ended, the status is set once more.
+            tags = {"pcrl.outcome": outcome}
+            tracker.close_trial(trial_id, tracker.run_id, _params(sweep, configs[trial_id]), "KILLED", tags)
     if best is None:
         raise ConfigError(
             f"eval.metric: no trial reported {metric} (all {len(outcomes)} failed); see the trial errors above"
@@ -545,11 +563,29 @@ def _finish(sweep: SweepConfig, grid: Any, metric: str, mode: str, uri: str, tra
 class _TrialRuns(Callback):
     """Ray Tune callback (driver side): nests each trial's MLflow run under the sweep's parent run and
     closes it with the trial's outcome, including trials that failed before their run existed and trials
-    ASHA stopped (whose process Ray ends without letting train() close its run)."""
+    ASHA stopped (whose process Ray ends without letting train() close its run).
 
-    def __init__(self, tracker: Any, parent: str | None, sweep: SweepConfig, max_steps: int) -> None:
-        self.tracker, self.parent, self.sweep, self.max_steps = tracker, parent, sweep, max_steps
+    Tune pickles it with the experiment and a resumed sweep gets that copy back, so it holds no connection:
+    :meth:`setup` (called at the start of every launch, the first and each ``--resume``) reads the tracking
+    URI and the parent run from ``sweep.json``, which the driver has just written."""
+
+    def __init__(self, state_file: Path, experiment: str, sweep: SweepConfig, max_steps: int) -> None:
+        self.state_file, self.experiment = state_file, experiment
+        self.sweep, self.max_steps = sweep, max_steps
+        self.tracker: Any = None
+        self.parent: str | None = None
         self.adopted: set[str] = set()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "tracker": None, "parent": None, "adopted": set()}
+
+    def setup(self, **info: Any) -> None:
+        from pcrl.tracking import SweepTracker
+
+        state = _read_state(self.state_file)
+        self.tracker = SweepTracker(state.get("uri", ""), self.experiment)
+        self.parent = state.get("parent_run_id")
+        self.adopted = set()
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if trial.trial_id not in self.adopted:

@@ -191,3 +191,50 @@ def test_sweep_config_errors_name_the_key(tmp_path: Path) -> None:
         load_sweep(bad, ["data.shards=x"])
     with pytest.raises(ConfigError, match=r"num_sample\b"):
         load_sweep(path, ["data.shards=x", "num_sample=3"])  # goes to the pretraining config: unknown key
+
+
+@pytest.mark.slow
+def test_sweep_two_workers_per_trial(sample_shards: Path, tmp_path: Path) -> None:
+    """workers_per_trial=2: each trial is a TorchTrainer of two CPU workers training as one DeepSpeed world
+    of 2 (both ranks' states in its checkpoint), and Tune still gets the metric from it through Ray Train:
+    both trials finish, best.yaml is written, and MLflow holds the parent and both child runs."""
+    config = _sweep_yaml(tmp_path / "sweep.json", sample_shards, tmp_path / "out")
+    sweep = json.loads(config.read_text())
+    sweep["space"] = {"optim.lr": {"type": "grid", "values": ["0.01", "0.003"]}}
+    sweep["scheduler"] = {"name": "fifo"}
+    sweep["workers_per_trial"] = 2
+    sweep["max_concurrent"] = 0  # derived: one worker group of 2 CPUs at a time on a 2-CPU machine
+    sweep["overrides"] = [o for o in sweep["overrides"] if not o.startswith("train.max_steps")]
+    sweep["overrides"].append("train.max_steps=2")
+    config.write_text(json.dumps(sweep))
+    store, log = tmp_path / "mlflow.db", tmp_path / "tune.log"
+
+    proc = _tune(config, f"sqlite:///{store}", log)
+    try:
+        assert proc.wait(600) == 0, log.read_text()[-6000:]
+    finally:
+        _stop(proc)
+
+    import torch
+
+    sweep_dir = tmp_path / "out" / "tiny"
+    checkpoints = sorted((sweep_dir / "trials").glob("*/checkpoints/step_00000002"))
+    assert len(checkpoints) == 2, log.read_text()[-4000:]
+    for ckpt in checkpoints:
+        state = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+        assert [r["data"]["rank"] for r in state["ranks"]] == [0, 1]
+        assert all(r["data"]["world_size"] == 2 for r in state["ranks"])
+    assert load_config(sweep_dir / "best.yaml").optim.lr in (0.01, 0.003)
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    runs = client.search_runs([client.get_experiment_by_name("pcrl").experiment_id], max_results=100)
+    (parent,) = [r for r in runs if r.data.tags.get("pcrl.kind") == "sweep"]
+    assert parent.info.status == "FINISHED" and "best/val/psnr" in parent.data.metrics
+    assert parent.data.params["workers_per_trial"] == "2"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(float(r.data.params["optim.lr"]) for r in children) == [0.003, 0.01]
+    for run in children:
+        assert run.info.status == "FINISHED" and run.data.tags["pcrl.outcome"] == "finished"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val/psnr")] == [2]
