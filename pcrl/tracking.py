@@ -53,6 +53,20 @@ def default_tracking_uri(run_dir: Path) -> str:
     return f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
 
 
+def experiment_id(client: Any, uri: str, name: str) -> str:
+    """The id of MLflow experiment ``name``, created when missing. A sqlite store keeps the artifacts of an
+    experiment it creates beside the database file, never in the current folder (MLflow's default
+    ``./mlruns``)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifact_location = None
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        artifact_location = (db.parent / "mlartifacts").resolve().as_uri()
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
 class Tracker:
     """Metrics to ``metrics.jsonl`` and (on rank 0, when enabled) to an MLflow run.
 
@@ -302,15 +316,7 @@ class Tracker:
         return MlflowClient(tracking_uri=self.uri)
 
     def _experiment_id(self, client: Any) -> str:
-        exp = client.get_experiment_by_name(self.experiment)
-        if exp is not None:
-            return exp.experiment_id
-        artifact_location = None
-        if self.uri.startswith("sqlite:///"):
-            # A local store keeps its artifacts beside it, inside the run folder, not in the cwd.
-            db = Path(self.uri.removeprefix("sqlite:///"))
-            artifact_location = (db.parent / "mlartifacts").resolve().as_uri()
-        return client.create_experiment(self.experiment, artifact_location=artifact_location)
+        return experiment_id(client, self.uri, self.experiment)
 
 
 def _metric_batch(record: Mapping[str, Any]) -> list[Any]:
@@ -389,10 +395,7 @@ class SweepTracker:
             from mlflow.tracking import MlflowClient
 
             self._client = MlflowClient(tracking_uri=self.uri)
-            exp = self._client.get_experiment_by_name(self.experiment)
-            self._experiment_id = (
-                exp.experiment_id if exp is not None else self._client.create_experiment(self.experiment)
-            )
+            self._experiment_id = experiment_id(self._client, self.uri, self.experiment)
         return self._client
 
     def _warn(self, what: str, e: Exception) -> None:
