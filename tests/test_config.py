@@ -33,6 +33,11 @@ def test_config_every_yaml_loads(path: Path) -> None:
 
         assert load_sweep(path, ["data.shards=shards"]).space
         return
+    if path.parent.name == "finetune":  # downstream tasks: the fine-tuning schema
+        from pcrl.finetune import FinetuneConfig, load_finetune_config
+
+        assert isinstance(load_finetune_config(path), FinetuneConfig)
+        return
     cfg = load_config(path)
     assert isinstance(cfg, PretrainConfig)
 
