@@ -445,10 +445,31 @@ def to_unit_range(array: np.ndarray, modality: str, ct_window: Sequence[float]) 
 
 
 def _threshold_to_unit(threshold_hu: float | None, modality: str, ct_window: Sequence[float]) -> float | None:
+    """The tissue threshold in HU as a value of the loader's [0, 1] CT window; ``None`` (no filter) for MR or
+    when ``threshold_hu`` is ``None``."""
     if threshold_hu is None or modality != "ct":
         return None
     lo, hi = float(ct_window[0]), float(ct_window[1])
     return (float(threshold_hu) - lo) / (hi - lo)
+
+
+def split_or_fallback(
+    shards: str | os.PathLike[str], split: str, fallback: str
+) -> tuple[list[SampleRecord], bool]:
+    """The records of ``split``, or of ``fallback`` when ``split`` holds none (a shard set without a held-out
+    split): the fixed volumes that the validation metric and the reconstruction panel show.
+
+    Returns:
+        The records in manifest order, and whether they came from ``fallback``.
+
+    Raises:
+        FileNotFoundError / ValueError: as :func:`read_manifest` (no manifest, no volume at all).
+    """
+    every = read_manifest(shards, "all")
+    records = [r for r in every if split == "all" or r.split == split]
+    if records:
+        return records, False
+    return [r for r in every if fallback == "all" or r.split == fallback], True
 
 
 # --- the stream -------------------------------------------------------------------------------------

@@ -150,38 +150,32 @@ def eval_views(cfg: PretrainConfig) -> tuple[Tensor, Tensor, list[str]]:
     Raises:
         ConfigError: no manifest or no volume at all (names ``data.shards``).
     """
-    from pcrl.data import read_manifest, read_volume, to_unit_range
+    from pcrl.data import _threshold_to_unit, read_volume, split_or_fallback, to_unit_range
     from pcrl.views import PCRLv2Views
 
     try:
-        every = read_manifest(cfg.data.shards, "all")
+        records, fell_back = split_or_fallback(cfg.data.shards, cfg.eval.split, cfg.data.split)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"data.shards={cfg.data.shards}: {e}") from None
-    split = cfg.eval.split
-    records = [r for r in every if split == "all" or r.split == split]
-    if not records:
-        train = cfg.data.split
-        records = [r for r in every if train == "all" or r.split == train]
+    if fell_back:
         logger.warning(
             "eval.split=%s has no volumes in %s; evaluating on the first volumes of %r, which the run trains "
             "on (the metric is not held out: shard with a val split, e.g. --split train=0.9,val=0.1)",
-            split,
+            cfg.eval.split,
             cfg.data.shards,
-            train,
+            cfg.data.split,
         )
     records = records[: cfg.eval.volumes]
     if not records:
         raise ConfigError(f"data.shards={cfg.data.shards}: no volumes to evaluate on")
 
     views = PCRLv2Views(cfg.views)
-    lo, hi = cfg.data.ct_window
+    hu = cfg.views.tissue_threshold_hu if cfg.views.tissue_filter else None
     inputs, targets = [], []
     for i, record in enumerate(records):
         array, _ = read_volume(record)
         volume = to_unit_range(array, record.modality, cfg.data.ct_window)
-        threshold = None
-        if record.modality == "ct" and cfg.views.tissue_filter:
-            threshold = (cfg.views.tissue_threshold_hu - lo) / (hi - lo)  # HU → the [0, 1] window
+        threshold = _threshold_to_unit(hu, record.modality, cfg.data.ct_window)
         for j in range(cfg.eval.pairs_per_volume):
             seed = np.random.SeedSequence([cfg.eval.seed, _EVAL_STREAM, i, j]).generate_state(1, np.uint64)[0]
             sample = views(volume, seed=int(seed >> np.uint64(1)), tissue_threshold=threshold)

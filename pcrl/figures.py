@@ -110,24 +110,21 @@ def panel_views(cfg: PretrainConfig) -> list[PanelView]:
     Raises:
         FileNotFoundError / ValueError: no manifest or no volume at all (see :func:`pcrl.data.read_manifest`).
     """
-    from pcrl.data import read_manifest, read_volume, to_unit_range
+    from pcrl.data import _threshold_to_unit, read_volume, split_or_fallback, to_unit_range
     from pcrl.views import PCRLv2Views
 
-    every = read_manifest(cfg.data.shards, "all")
-    split = cfg.tracking.image_split
-    records = [r for r in every if split == "all" or r.split == split]
-    if not records:
-        train = cfg.data.split
-        records = [r for r in every if train == "all" or r.split == train]
+    records, fell_back = split_or_fallback(cfg.data.shards, cfg.tracking.image_split, cfg.data.split)
+    if fell_back:
         logger.info(
-            "reconstruction panel: split %r has no volumes; showing the first volumes of %r", split, train
+            "reconstruction panel: split %r has no volumes; showing the first volumes of %r",
+            cfg.tracking.image_split,
+            cfg.data.split,
         )
     picked = _pick(records, cfg.tracking.image_volumes)
     if not picked:
         raise ValueError(f"no volumes for the reconstruction panel in {cfg.data.shards}")
 
     views = PCRLv2Views(dataclasses.replace(cfg.views, flip_prob=0.0))
-    lo, hi = cfg.data.ct_window
     cache: dict[str, Tensor] = {}
     out = []
     for i in range(cfg.tracking.image_volumes):
@@ -135,9 +132,8 @@ def panel_views(cfg: PretrainConfig) -> list[PanelView]:
         if record.key not in cache:
             array, _ = read_volume(record)
             cache[record.key] = to_unit_range(array, record.modality, cfg.data.ct_window)
-        threshold = None
-        if record.modality == "ct" and cfg.views.tissue_filter:
-            threshold = (cfg.views.tissue_threshold_hu - lo) / (hi - lo)  # HU → the [0, 1] window
+        hu = cfg.views.tissue_threshold_hu if cfg.views.tissue_filter else None
+        threshold = _threshold_to_unit(hu, record.modality, cfg.data.ct_window)
         seed = np.random.SeedSequence([cfg.run.seed, _PANEL_STREAM, i]).generate_state(1, np.uint64)[0]
         sample = views(cache[record.key], seed=int(seed >> np.uint64(1)), tissue_threshold=threshold)
         box_size = sample["boxes"]["global"][0, 1].tolist()  # type: ignore[index]
