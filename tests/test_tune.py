@@ -18,32 +18,24 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from mlflow_server import MlflowServer
 from test_pretrain import REPO, _env
-from test_ui import _stop, _wait_http
+from test_ui import _stop
 
 from pcrl.config import ConfigError, load_config
-from pcrl.distributed import free_port
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``mlflow server`` on a free loopback port with a sqlite store; its process group is stopped after."""
-    root = tmp_path_factory.mktemp("mlflow_server")
-    port = free_port()
-    log = root / "server.log"
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"]
-    cmd += ["--default-artifact-root", str(root / "artifacts")]
-    with log.open("w") as f:
-        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    """A real ``mlflow server`` on a free loopback port for the module; stopped by PID after."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
+    server.start()
     try:
-        _wait_http(f"http://127.0.0.1:{port}/health", proc, log)
-        yield f"http://127.0.0.1:{port}"
+        yield server.uri
     finally:
-        _stop(proc)
+        server.stop()
 
 
 def _sweep_yaml(path: Path, shards: Path, out: Path) -> Path:
