@@ -11,6 +11,7 @@ harness stops every daemon it started, by PID.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -93,6 +94,9 @@ class SlurmCluster:
         )  # fmt: skip
         self._wait("munged socket", sock.exists)
         ctld_port, *node_ports = (free_port() for _ in range(1 + len(self.NODES)))
+        # pretrain.sbatch derives MASTER_PORT from the job id: two test clusters on one machine (a developer's
+        # and a CI run) both numbering jobs from 1 would give their concurrent jobs the same port.
+        first_job = random.randrange(1000, 12000)
         host = socket.gethostname()
         nodes = "\n".join(
             f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={p} CPUs=2 State=UNKNOWN"
@@ -121,6 +125,7 @@ SlurmdParameters=config_overrides
 MpiDefault=none
 ReturnToService=2
 MinJobAge=30
+FirstJobId={first_job}
 SchedulerParameters=bf_interval=2,sched_interval=2
 DependencyParameters=kill_invalid_depend
 MailProg=/bin/true

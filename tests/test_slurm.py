@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -105,6 +106,79 @@ def test_slurm_preemption_signal_checkpoints_requeues_and_resumes(
     history = client.get_metric_history(run.info.run_id, "loss/total")
     assert [m.step for m in history] == list(range(2, steps + 1, 2))
     assert json.loads((run_dir / f"checkpoints/step_{steps:08d}/manifest.json").read_text())["files"]
+
+
+def _task_pid(slurm: SlurmCluster, job: str, rank: int) -> int | None:
+    """The training process of task ``rank`` of ``job`` on this cluster: launch/pretrain.py started by
+    slurmstepd (the task's ``bash -c`` execs it), not its data-loader workers (same command and environment,
+    but their parent is the training process) nor srun. None while it has not started."""
+    want = {f"SLURM_CONF={slurm.conf}", f"SLURM_JOB_ID={job}", f"SLURM_PROCID={rank}", "SLURM_STEP_ID=0"}
+    for proc in Path("/proc").iterdir():
+        try:
+            if b"launch/pretrain.py" not in (proc / "cmdline").read_bytes():
+                continue
+            if not want <= set((proc / "environ").read_bytes().decode(errors="replace").split("\0")):
+                continue
+            ppid = (proc / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            if (Path("/proc") / ppid / "comm").read_text().strip() == "slurmstepd":
+                return int(proc.name)
+        except (OSError, ValueError, IndexError):
+            continue  # not ours, or it ended while being read
+    return None
+
+
+def test_slurm_lost_rank_requeues_and_resumes(
+    slurm: SlurmCluster, sample_shards: Path, tmp_path: Path
+) -> None:
+    """Rank 1's training process SIGKILLed once a checkpoint exists (as the out-of-memory killer would): the
+    survivor names rank 1 and stops (76), srun ends with the killed task's 137, the script counts a lost-rank
+    restart in the job's Comment and requeues, and the requeued job resumes from the checkpoint and completes
+    at train.max_steps with every step recorded once, in metrics.jsonl and in MLflow."""
+    # Enough steps after the first checkpoint that rank 1 is still training when the kill lands.
+    steps = 16
+    overrides = [
+        f"data.shards={sample_shards}",
+        f"train.max_steps={steps}",
+        "train.log_every=1",
+        "train.checkpoint_every=2",
+        "eval.every=0",
+        # A SIGKILLed peer closes its sockets, so the survivor notices at once; this only bounds a hang.
+        "engine.dist_timeout_s=60",
+    ]
+    job, proc = _submit(slurm, tmp_path, "lost", overrides)
+    run_dir, log = tmp_path / "lost", tmp_path / "lost.out"
+    pointer = run_dir / "checkpoints/latest"
+    deadline = time.monotonic() + 600
+    victim = None
+    while victim is None:
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+        if pointer.is_file():
+            victim = _task_pid(slurm, job, 1)
+        time.sleep(0.2)
+    os.kill(victim, signal.SIGKILL)
+    assert wait_job(slurm, job, proc, log) == 0, log.read_text()[-4000:]
+
+    out = log.read_text()
+    assert "pretrain: stopped: rank 1 was lost" in out, out[-4000:]
+    assert f"pcrl: a rank was lost (status 137); requeueing job {job} (lost-rank restart 1)" in out, out[
+        -4000:
+    ]
+    assert f"pcrl: job {job} restart 1 on" in out
+    resumed = int(out.split(f"resuming {run_dir} from step ")[1].split()[0])
+    assert 2 <= resumed < steps and resumed % 2 == 0
+    show = slurm.run(["scontrol", "show", "job", job]).stdout
+    assert "Restarts=1" in show.split() and "Comment=pcrl-lost-1" in show.split(), show
+    assert [r["step"] for r in _records(run_dir)] == list(range(1, steps + 1))
+    assert pointer.read_text() == f"step_{steps:08d}"
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    (exp,) = [e for e in client.search_experiments() if e.name == "pcrl"]
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "loss/total")
+    assert [m.step for m in history] == list(range(1, steps + 1))
 
 
 def test_slurm_harness_stops_its_daemons(tmp_path: Path) -> None:
