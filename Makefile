@@ -39,10 +39,12 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# The demo's shards are make's own cache: rebuilt (--overwrite) whenever the venv is, since a newer data_prep
+# may write them differently and refuses to mix its output with an older shard set.
 $(DEMO_SHARDS)/manifest.jsonl: $(VENV)/.installed
 	$(BIN)/python -m data_prep.fetch --dest $(CACHE)/samples
 	$(BIN)/python -m data_prep.shard --input $(CACHE)/samples/pyradiomics --exclude '*_label*' \
-		--output $(DEMO_SHARDS) --split train=1.0 --workers 2
+		--output $(DEMO_SHARDS) --split train=1.0 --workers 2 --overwrite
 
 demo: $(DEMO_SHARDS)/manifest.jsonl
 	DS_ACCELERATOR=cpu $(BIN)/deepspeed --num_gpus 1 launch/pretrain.py --config configs/pretrain/tiny.yaml \
