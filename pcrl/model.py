@@ -170,6 +170,16 @@ def encoder_stages(in_channels: int, base_channels: int, depth: int, norm: Norm)
     return nn.ModuleList(stages)
 
 
+def run_encoder(stages: nn.ModuleList, pool: nn.Module, x: Tensor) -> list[Tensor]:
+    """Run :func:`encoder_stages` on ``x`` (B, C, X, Y, Z): stage d sees the input (d = 0) or the pooled
+    output of stage d-1. Returns the per-stage features, finest first: (B, 2·base·2^d, X/2^d, Y/2^d, Z/2^d)."""
+    features = []
+    for d, stage in enumerate(stages):
+        x = stage(x if d == 0 else pool(x))
+        features.append(x)
+    return features
+
+
 def _check_volume(x: Tensor, in_channels: int, depth: int) -> None:
     factor = 2 ** (depth - 1)
     if x.ndim != 5 or x.shape[1] != in_channels or any(s % factor for s in x.shape[2:]):
@@ -272,11 +282,7 @@ class PCRLv2UNet(nn.Module):
         return self._encode(x)
 
     def _encode(self, x: Tensor) -> list[Tensor]:
-        features = []
-        for d, stage in enumerate(self.encoder):
-            x = stage(x if d == 0 else self.pool(x))
-            features.append(x)
-        return features
+        return run_encoder(self.encoder, self.pool, x)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Encoder only: the bottleneck.
@@ -378,11 +384,7 @@ class PCRLv2Encoder(nn.Module):
     def forward(self, x: Tensor) -> list[Tensor]:
         """(B, in_channels, X, Y, Z) -> per-stage features, finest first (shapes in the class docstring)."""
         _check_volume(x, self.in_channels, self.depth)
-        features = []
-        for d, stage in enumerate(self.encoder):
-            x = stage(x if d == 0 else self.pool(x))
-            features.append(x)
-        return features
+        return run_encoder(self.encoder, self.pool, x)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The bottleneck only: (B, 2·base·2^(depth-1), X/2^(depth-1), Y/2^(depth-1), Z/2^(depth-1))."""
