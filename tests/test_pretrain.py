@@ -29,6 +29,22 @@ def _env() -> dict[str, str]:
     return env
 
 
+def launch_pretrain(overrides: list[str], log: Path, nproc: int = 1) -> subprocess.Popen[bytes]:
+    """launch/pretrain.py on the tiny config in a new session (its own process group, so the whole tree can be
+    signalled or killed at once): plain ``python`` for one process, the ``deepspeed`` launcher for more.
+    Output is appended to ``log``."""
+    script = [str(REPO / "launch/pretrain.py"), "--config", str(TINY), *overrides]
+    if nproc == 1:
+        cmd = [sys.executable, *script]
+    else:
+        launcher = Path(sys.executable).with_name("deepspeed")
+        cmd = [str(launcher), "--num_gpus", str(nproc), "--master_port", str(free_port()), *script]
+    with log.open("ab") as f:
+        return subprocess.Popen(
+            cmd, cwd=REPO, env=_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
 def _deepspeed(nproc: int, overrides: list[str], timeout: int = 600) -> subprocess.CompletedProcess[str]:
     launcher = Path(sys.executable).with_name("deepspeed")
     cmd = [str(launcher), "--num_gpus", str(nproc), "--master_port", str(free_port())]

@@ -8,16 +8,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from test_pretrain import REPO, TINY, _env, _records
-
-from pcrl.distributed import free_port
+from test_pretrain import _records, launch_pretrain
 
 pytestmark = pytest.mark.integration
 
@@ -40,17 +37,7 @@ def _overrides(shards: Path, out: Path, name: str) -> list[str]:
 
 
 def _start(nproc: int, overrides: list[str], log: Path) -> subprocess.Popen[bytes]:
-    """Launch in a new session (its own process group, so the whole tree can be killed at once)."""
-    script = [str(REPO / "launch/pretrain.py"), "--config", str(TINY), *overrides]
-    if nproc == 1:
-        cmd = [sys.executable, *script]
-    else:
-        launcher = Path(sys.executable).with_name("deepspeed")
-        cmd = [str(launcher), "--num_gpus", str(nproc), "--master_port", str(free_port()), *script]
-    with log.open("ab") as f:
-        return subprocess.Popen(
-            cmd, cwd=REPO, env=_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    return launch_pretrain(overrides, log, nproc)
 
 
 def _finish(proc: subprocess.Popen[bytes], log: Path, timeout: float = 600) -> int:

@@ -5,16 +5,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from mlflow_server import MlflowServer
-from test_pretrain import REPO, TINY, _env
-
-from pcrl.distributed import free_port
+from test_pretrain import launch_pretrain
 
 
 @pytest.fixture
@@ -32,18 +29,9 @@ NO_EVAL = "eval.every=0"
 
 
 def launch(overrides: list[str], log: Path, nproc: int = 1) -> subprocess.Popen[bytes]:
-    """launch/pretrain.py on the tiny config in its own session (one process group to signal or kill),
-    without the periodic evaluation unless ``overrides`` turn it back on."""
-    script = [str(REPO / "launch/pretrain.py"), "--config", str(TINY), NO_EVAL, *overrides]
-    if nproc == 1:
-        cmd = [sys.executable, *script]
-    else:
-        launcher = Path(sys.executable).with_name("deepspeed")
-        cmd = [str(launcher), "--num_gpus", str(nproc), "--master_port", str(free_port()), *script]
-    with log.open("ab") as f:
-        return subprocess.Popen(
-            cmd, cwd=REPO, env=_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    """:func:`test_pretrain.launch_pretrain` without the periodic evaluation unless ``overrides`` turn it
+    back on."""
+    return launch_pretrain([NO_EVAL, *overrides], log, nproc)
 
 
 def wait_for(
