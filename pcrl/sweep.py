@@ -255,6 +255,11 @@ def base_config(sweep: SweepConfig) -> PretrainConfig:
         raise ConfigError(f"{e} (base {sweep.base} with the sweep's overrides)") from None
 
 
+def trial_dir(sweep: SweepConfig, trial_id: str) -> Path:
+    """The run folder of a trial (absolute: trials run in Ray workers with other working folders)."""
+    return (sweep.sweep_dir / "trials").resolve() / trial_id
+
+
 def _override(key: str, value: Any) -> str:
     return f"{key}={json.dumps(value)}"
 
@@ -268,9 +273,10 @@ def trial_config(
     Raises:
         ConfigError: a searched value is invalid (names the key); the trial fails, the sweep goes on.
     """
+    run_dir = trial_dir(sweep, trial_id)
     extra = [
-        f"run.output_dir={(sweep.sweep_dir / 'trials').resolve()}",
-        f"run.name={trial_id}",
+        f"run.output_dir={run_dir.parent}",
+        f"run.name={run_dir.name}",
         f"tracking.uri={uri}",
     ]
     return load_config(sweep.base, [*sweep.overrides, *(_override(k, v) for k, v in params.items()), *extra])
@@ -537,7 +543,9 @@ def _finish(sweep: SweepConfig, grid: Any, metric: str, mode: str, uri: str, tra
             # Ray ends a stopped trial while its train() may still close its own run as FAILED, after the
             # callback closed it as KILLED: now that every trial has ended, the status is set once more.
             tags = {"pcrl.outcome": outcome}
-            tracker.close_trial(trial_id, tracker.run_id, _params(sweep, configs[trial_id]), "KILLED", tags)
+            params = _params(sweep, configs[trial_id])
+            run_dir = trial_dir(sweep, trial_id)
+            tracker.close_trial(trial_id, tracker.run_id, params, "KILLED", tags, run_dir=run_dir)
     if best is None:
         raise ConfigError(
             f"eval.metric: no trial reported {metric} (all {len(outcomes)} failed); see the trial errors above"
@@ -601,6 +609,8 @@ class _TrialRuns(Callback):
             _params(self.sweep, trial.config),
             "FINISHED" if outcome == "finished" else "KILLED",
             {"pcrl.outcome": outcome, "pcrl.last_step": str(step)},
+            # A trial stopped early may still be ending (its records are sent once all trials have ended).
+            run_dir=trial_dir(self.sweep, trial.trial_id) if outcome == "finished" else None,
         )
         logger.info("trial %s %s at step %d", trial.trial_id, outcome.replace("_", " "), step)
 
@@ -612,6 +622,7 @@ class _TrialRuns(Callback):
             _params(self.sweep, trial.config),
             "FAILED",
             {"pcrl.outcome": "failed", "pcrl.error": error[-5000:]},
+            run_dir=trial_dir(self.sweep, trial.trial_id),
         )
         logger.warning("trial %s failed (the sweep goes on): %s", trial.trial_id, error)
 

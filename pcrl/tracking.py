@@ -28,7 +28,15 @@ from typing import Any
 
 from pcrl.io import write_atomic
 
-__all__ = ["ConsoleProgress", "SweepTracker", "Tracker", "default_tracking_uri", "format_duration", "main"]
+__all__ = [
+    "ConsoleProgress",
+    "SweepTracker",
+    "Tracker",
+    "default_tracking_uri",
+    "format_duration",
+    "main",
+    "sync_run_folder",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +120,8 @@ class Tracker:
         """``metrics.jsonl`` may hold records the MLflow run lacks (checked at the next connection)."""
         self._failed_at: float | None = None
         """``time.monotonic()`` of the last failed MLflow call; None while connected."""
+        self.sent = 0
+        """Metric values the last :meth:`sync` sent."""
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self, run_name: str, params: Mapping[str, Any], run_id: str | None = None) -> str | None:
@@ -205,7 +215,7 @@ class Tracker:
         self._run_name, self._params = run_name, dict(params)
         saved = self._saved_run()
         self.run_id = saved.get("run_id")
-        sent = self._connect(running=False, raise_errors=True)
+        sent = self.sent = self._connect(running=False, raise_errors=True)
         if saved.get("status"):
             self._client.set_terminated(self.run_id, status=saved["status"])
             self._save_run(status=None)
@@ -419,24 +429,28 @@ class SweepTracker:
         return self.run_id
 
     def _params(self, run_id: str, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
+        _log_params(self._client, run_id, params)
 
-        items = [Param(k, _param_str(v)) for k, v in sorted(params.items())]
-        for i in range(0, len(items), _PARAM_BATCH):
-            self._client.log_batch(run_id, params=items[i : i + _PARAM_BATCH])
-
-    def _child(self, trial: str, parent: str | None, params: Mapping[str, Any], create: bool) -> str | None:
+    def _child(
+        self,
+        trial: str,
+        parent: str | None,
+        params: Mapping[str, Any],
+        create: bool,
+        run_id: str | None = None,
+    ) -> str | None:
         client = self._mlflow()
-        runs = client.search_runs(
-            [self._experiment_id], filter_string=f"attributes.run_name = '{trial}'", max_results=1
-        )
-        if runs:
-            run_id = runs[0].info.run_id
-        elif create:
-            run_id = client.create_run(self._experiment_id, run_name=trial).info.run_id
-            self._params(run_id, params)
-        else:
-            return None
+        if run_id is None:
+            runs = client.search_runs(
+                [self._experiment_id], filter_string=f"attributes.run_name = '{trial}'", max_results=1
+            )
+            if runs:
+                run_id = runs[0].info.run_id
+            elif create:
+                run_id = client.create_run(self._experiment_id, run_name=trial).info.run_id
+                self._params(run_id, params)
+            else:
+                return None
         if parent:
             client.set_tag(run_id, "mlflow.parentRunId", parent)
         client.set_tag(run_id, "pcrl.trial", trial)
@@ -450,11 +464,27 @@ class SweepTracker:
             self._warn(f"nest the run of trial {trial}", e)
 
     def close_trial(
-        self, trial: str, parent: str | None, params: Mapping[str, Any], status: str, tags: Mapping[str, str]
+        self,
+        trial: str,
+        parent: str | None,
+        params: Mapping[str, Any],
+        status: str,
+        tags: Mapping[str, str],
+        run_dir: Path | None = None,
     ) -> None:
-        """Give the run of ``trial`` its final ``status`` and ``tags``, creating it if the trial never did."""
+        """Give the run of ``trial`` its final ``status`` and ``tags``, creating it if the trial never did.
+
+        With ``run_dir`` (the trial's run folder, once its process has ended), the run is first brought up
+        to date with the folder as ``python -m pcrl.tracking sync`` would: a trial whose own MLflow calls
+        failed (an outage, a locked SQLite store) still ends with every metric it recorded."""
+        run_id = None
+        if run_dir is not None and (run_dir / "metrics.jsonl").is_file():
+            try:
+                run_id = sync_run_folder(run_dir, self.uri, self.experiment, run_name=trial).run_id
+            except Exception as e:
+                self._warn(f"send the records of trial {trial} from {run_dir}", e)
         try:
-            run_id = self._child(trial, parent, params, create=True)
+            run_id = self._child(trial, parent, params, create=True, run_id=run_id)
             for k, v in tags.items():
                 self._client.set_tag(run_id, k, v)
             self._client.set_terminated(run_id, status=status)
@@ -574,32 +604,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
-    from pcrl.config import ConfigError, flatten_config, load_config
+    from pcrl.config import ConfigError
 
     run_dir: Path = args.run_dir
-    config = run_dir / "config.yaml"
     if not (run_dir / "metrics.jsonl").is_file():
         print(f"pcrl.tracking: error: {run_dir} has no metrics.jsonl; give a run folder", file=sys.stderr)
         return 2
     try:
-        cfg = load_config(config)
+        tracker = sync_run_folder(run_dir, args.uri, args.experiment)
     except (ConfigError, FileNotFoundError) as e:
-        print(f"pcrl.tracking: error: {config}: {e}", file=sys.stderr)
+        print(f"pcrl.tracking: error: {run_dir / 'config.yaml'}: {e}", file=sys.stderr)
         return 2
-    tracker = Tracker(
-        run_dir,
-        args.uri if args.uri is not None else cfg.tracking.uri,
-        args.experiment or cfg.tracking.experiment,
-    )
-    try:
-        sent = tracker.sync(cfg.run.name, flatten_config(cfg))
     except RuntimeError as e:
         print(f"pcrl.tracking: error: {e}; is the server up? (nothing was changed)", file=sys.stderr)
         return 1
     print(
-        f"{run_dir}: MLflow run {tracker.run_id} at {tracker.uri} is up to date ({sent} metric values sent)"
+        f"{run_dir}: MLflow run {tracker.run_id} at {tracker.uri} is up to date "
+        f"({tracker.sent} metric values sent)"
     )
     return 0
+
+
+def sync_run_folder(
+    run_dir: Path, uri: str | None = None, experiment: str | None = None, run_name: str | None = None
+) -> Tracker:
+    """Bring the MLflow run of a run folder up to date with its ``metrics.jsonl`` and files (see
+    :meth:`Tracker.sync`); returns the tracker, with ``run_id`` and ``sent`` (metric values sent) set.
+
+    Args:
+        run_dir: the run folder (``config.yaml``, ``metrics.jsonl``).
+        uri: MLflow tracking URI (None: the run's ``tracking.uri``).
+        experiment: experiment name (None: the run's ``tracking.experiment``).
+        run_name: the name of a run created here (None: the run's ``run.name``).
+
+    Raises:
+        ConfigError, FileNotFoundError: ``config.yaml`` is missing or invalid.
+        RuntimeError: MLflow could not be reached (names the URI).
+    """
+    from pcrl.config import flatten_config, load_config
+
+    cfg = load_config(run_dir / "config.yaml")
+    tracker = Tracker(
+        run_dir, cfg.tracking.uri if uri is None else uri, experiment or cfg.tracking.experiment
+    )
+    tracker.sync(run_name or cfg.run.name, flatten_config(cfg))
+    return tracker
 
 
 if __name__ == "__main__":

@@ -120,4 +120,5 @@ def test_tune_sbatch_two_nodes(slurm: SlurmCluster, sample_shards: Path, tmp_pat
     assert sorted(float(r.data.params["optim.lr"]) for r in children) == [0.003, 0.01]
     for run in children:
         assert run.info.status == "FINISHED" and run.data.tags["pcrl.outcome"] == "finished"
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "val/psnr")] == [2]
+        history = [m.step for m in client.get_metric_history(run.info.run_id, "val/psnr")]
+        assert history == [2], (run.info.run_name, out[-6000:])

@@ -146,3 +146,50 @@ def test_tracking_sync_names_an_unreachable_server(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert f"could not reach MLflow at {uri}" in proc.stderr and "Traceback" not in proc.stderr
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "metrics.jsonl"]
+
+
+def test_sweep_closes_a_trial_with_the_records_its_own_mlflow_calls_lost(tmp_path: Path) -> None:
+    """The sweep driver closes a trial's run from the trial's run folder: a trial that never reached MLflow
+    gets one run holding every record of its ``metrics.jsonl`` (and its full config as params), a trial whose
+    last records did not arrive gets them in its own run, and both are nested under the parent. Pins: the
+    driver creating an empty run beside the trial's records, or a second run for a trial that had one."""
+    from mlflow.tracking import MlflowClient
+
+    from pcrl.config import PretrainConfig, save_config
+    from pcrl.tracking import SweepTracker, Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep = SweepTracker(uri, "pcrl")
+    parent = sweep.start("sweep", {"space.optim.lr": "[0.01, 0.003]"})
+    records = [{"step": s, "time": 1.0e9 + s, "loss/total": 1.0 / s, "val/psnr": 10.0 + s} for s in (1, 2)]
+
+    lost, late = tmp_path / "trials" / "lost", tmp_path / "trials" / "late"
+    for run_dir in (lost, late):
+        run_dir.mkdir(parents=True)
+        cfg = PretrainConfig()
+        cfg.run.name, cfg.tracking.uri = run_dir.name, uri
+        save_config(cfg, run_dir / "config.yaml")
+    # 'lost' recorded both steps while MLflow was unreachable; 'late' sent step 1 and lost step 2.
+    (lost / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    tracker = Tracker(late, uri, "pcrl")
+    own_run = tracker.start("late", {"optim.lr": 0.003})
+    tracker.log_metrics({k: v for k, v in records[0].items() if k not in ("step", "time")}, step=1)
+    with (late / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(records[1]) + "\n")
+
+    for _ in range(2):  # idempotent: a second close sends nothing twice
+        for run_dir, lr in ((lost, 0.01), (late, 0.003)):
+            tags = {"pcrl.outcome": "finished"}
+            sweep.close_trial(run_dir.name, parent, {"optim.lr": lr}, "FINISHED", tags, run_dir=run_dir)
+
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("pcrl").experiment_id])
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent}
+    assert sorted(children) == ["late", "lost"] and len(runs) == 3  # the parent and one run per trial
+    assert children["late"].info.run_id == own_run == _run_id(late, uri)
+    assert children["lost"].info.run_id == _run_id(lost, uri)
+    for name, run in children.items():
+        assert run.info.status == "FINISHED" and run.data.tags["pcrl.outcome"] == "finished", name
+        for key in ("loss/total", "val/psnr"):
+            assert sorted(_history(uri, run.info.run_id, key)) == [1, 2], (name, key)
+    assert children["lost"].data.params["train.log_every"] == str(PretrainConfig().train.log_every)
