@@ -64,6 +64,7 @@ __all__ = [
     "load_sweep",
     "run_sweep",
     "trial_config",
+    "trial_dir",
 ]
 
 logger = logging.getLogger(__name__)
