@@ -45,7 +45,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pcrl.config import ViewsConfig
-from pcrl.data import _threshold_to_unit, read_manifest, read_volume, to_unit_range
+from pcrl.data import read_manifest, read_volume, threshold_to_unit, to_unit_range
 from pcrl.views import PCRLv2Views, ViewPlan, collate_draws
 
 VARIANTS = ("torchio", "torch_cpu", "dali_cpu", "torch_gpu", "dali_gpu")
@@ -57,7 +57,7 @@ def load_volumes(shards: str) -> list[tuple[torch.Tensor, float | None]]:
     for record in read_manifest(shards, "all"):
         array, _ = read_volume(record)
         volume = to_unit_range(array, record.modality, (-1000.0, 1000.0))
-        out.append((volume, _threshold_to_unit(-150.0, record.modality, (-1000.0, 1000.0))))
+        out.append((volume, threshold_to_unit(-150.0, record.modality, (-1000.0, 1000.0))))
     return out
 
 

@@ -901,8 +901,9 @@ def shard_volumes(inputs: Sequence[Path], output: Path, **options: Any) -> Summa
 
 def _start(
     inputs: Sequence[Path], output: Path, opts: ShardOptions, pool: Pool
-) -> tuple[Sequence[Path], Path, ShardOptions, Discovery, Resume]:
-    """Everything that can fail because of the user's request, before any volume is read.
+) -> tuple[Sequence[Path], Path, ShardOptions, Discovery, Resume, str]:
+    """Everything that can fail because of the user's request, before any volume is read; the last item is
+    the job's :func:`fingerprint`.
 
     A folder that already holds this job's complete output is recognised from the file listing alone,
     before any DICOM header is read (a no-op re-run of millions of DICOM files reads none of them).
@@ -910,10 +911,10 @@ def _start(
     files = list_files(inputs, opts.exclude)
     job = fingerprint([f.path for f in files], opts)
     if not opts.overwrite and (done := _completed(output, job)) is not None:
-        return inputs, output, opts, Discovery([], [], []), Resume(done=done)
+        return inputs, output, opts, Discovery([], [], []), Resume(done=done), job
     found = find_inputs(inputs, opts.exclude, opts.series_gaps == "split", pool, files)
     resume = _prepare_output(output, opts.overwrite, job)
-    return inputs, output, opts, found, resume
+    return inputs, output, opts, found, resume, job
 
 
 def _reject_line(r: Rejected, files: int = 1, **extra: Any) -> str:
@@ -966,7 +967,13 @@ class _Journal:
 
 
 def _run(
-    inputs: Sequence[Path], output: Path, opts: ShardOptions, found: Discovery, resume: Resume, pool: Pool
+    inputs: Sequence[Path],
+    output: Path,
+    opts: ShardOptions,
+    found: Discovery,
+    resume: Resume,
+    job: str,
+    pool: Pool,
 ) -> Summary:
     if resume.done is not None:
         logger.info("%s already holds this job's complete output; nothing to do", output)
@@ -990,11 +997,7 @@ def _run(
             },
         },
         versions=_versions(),
-        fingerprint=fingerprint(
-            [p for i in found.items for p in (i.paths if isinstance(i, InputSeries) else (i.path,))]
-            + [Path(r.path) for r in (*found.rejects, *found.ignored)],
-            opts,
-        ),
+        fingerprint=job,
         resumed=resume.next_index,
     )
     items = found.items

@@ -180,6 +180,12 @@ class ViewsConfig:
     swap_count: int = 100
     """Number of patch swaps per global view."""
 
+    @property
+    def filter_threshold_hu(self) -> float | None:
+        """The tissue threshold in HU the geometry sampler applies: ``tissue_threshold_hu``, or None with
+        ``tissue_filter`` off."""
+        return self.tissue_threshold_hu if self.tissue_filter else None
+
     def __post_init__(self) -> None:
         _check(
             self.backend in ("torch", "dali", "auto"),

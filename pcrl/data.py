@@ -57,6 +57,8 @@ __all__ = [
     "read_manifest",
     "read_region",
     "read_volume",
+    "split_or_fallback",
+    "threshold_to_unit",
     "to_unit_range",
 ]
 
@@ -444,7 +446,7 @@ def to_unit_range(array: np.ndarray, modality: str, ct_window: Sequence[float]) 
     raise ValueError(f"unknown modality {modality!r}; expected 'ct' or 'mr'")
 
 
-def _threshold_to_unit(threshold_hu: float | None, modality: str, ct_window: Sequence[float]) -> float | None:
+def threshold_to_unit(threshold_hu: float | None, modality: str, ct_window: Sequence[float]) -> float | None:
     """The tissue threshold in HU as a value of the loader's [0, 1] CT window; ``None`` (no filter) for MR or
     when ``threshold_hu`` is ``None``."""
     if threshold_hu is None or modality != "ct":
@@ -641,7 +643,7 @@ class VolumeStream(torch.utils.data.IterableDataset):
             indices = self.epoch_indices(epoch, consumer, consumers)
             for done, (position, _) in enumerate(indices[cursor:], start=cursor + 1):
                 record, volume = self._read_readable(indices, done - 1)
-                threshold = _threshold_to_unit(self.tissue_threshold_hu, record.modality, self.ct_window)
+                threshold = threshold_to_unit(self.tissue_threshold_hu, record.modality, self.ct_window)
                 for pair in range(first_pair, self.pairs_per_volume):
                     sample = self.transform(volume, _sample_seed(self.seed, epoch, position, pair), threshold)
                     sample["key"] = record.key
@@ -863,7 +865,7 @@ def build_loader(
         seed=cfg.run.seed,
         ct_window=cfg.data.ct_window,
         pairs_per_volume=cfg.views.pairs_per_volume,
-        tissue_threshold_hu=cfg.views.tissue_threshold_hu if cfg.views.tissue_filter else None,
+        tissue_threshold_hu=cfg.views.filter_threshold_hu,
         start_batches=start_batches,
         batch_size=cfg.train.micro_batch_size,
         bad_volumes=cfg.data.bad_volumes,

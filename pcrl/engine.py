@@ -31,7 +31,13 @@ import numpy as np
 import torch
 
 from pcrl import distributed
-from pcrl.checkpoint import checkpoint_step, find_resume_tag, load_checkpoint, save_checkpoint
+from pcrl.checkpoint import (
+    checkpoint_dir,
+    checkpoint_step,
+    find_resume_tag,
+    load_checkpoint,
+    save_checkpoint,
+)
 from pcrl.config import (
     ConfigError,
     OptimConfig,
@@ -89,7 +95,7 @@ class RankLost(RuntimeError):
         detail = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
         # gloo wraps the useful part in its source location and advice ("... GLHF!").
         detail = re.sub(r"^\[[^\]]*\]\s*", "", detail).split(". This is typically")[0]
-        pointer = run_dir / "checkpoints" / "latest"
+        pointer = checkpoint_dir(run_dir) / "latest"
         try:
             resume = f"resumes from checkpoint {pointer.read_text().strip()}"
         except OSError:

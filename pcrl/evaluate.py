@@ -150,7 +150,7 @@ def eval_views(cfg: PretrainConfig) -> tuple[Tensor, Tensor, list[str]]:
     Raises:
         ConfigError: no manifest or no volume at all (names ``data.shards``).
     """
-    from pcrl.data import _threshold_to_unit, read_volume, split_or_fallback, to_unit_range
+    from pcrl.data import read_volume, split_or_fallback, threshold_to_unit, to_unit_range
     from pcrl.views import PCRLv2Views
 
     try:
@@ -170,12 +170,11 @@ def eval_views(cfg: PretrainConfig) -> tuple[Tensor, Tensor, list[str]]:
         raise ConfigError(f"data.shards={cfg.data.shards}: no volumes to evaluate on")
 
     views = PCRLv2Views(cfg.views)
-    hu = cfg.views.tissue_threshold_hu if cfg.views.tissue_filter else None
     inputs, targets = [], []
     for i, record in enumerate(records):
         array, _ = read_volume(record)
         volume = to_unit_range(array, record.modality, cfg.data.ct_window)
-        threshold = _threshold_to_unit(hu, record.modality, cfg.data.ct_window)
+        threshold = threshold_to_unit(cfg.views.filter_threshold_hu, record.modality, cfg.data.ct_window)
         for j in range(cfg.eval.pairs_per_volume):
             seed = np.random.SeedSequence([cfg.eval.seed, _EVAL_STREAM, i, j]).generate_state(1, np.uint64)[0]
             sample = views(volume, seed=int(seed >> np.uint64(1)), tissue_threshold=threshold)

@@ -110,7 +110,7 @@ def panel_views(cfg: PretrainConfig) -> list[PanelView]:
     Raises:
         FileNotFoundError / ValueError: no manifest or no volume at all (see :func:`pcrl.data.read_manifest`).
     """
-    from pcrl.data import _threshold_to_unit, read_volume, split_or_fallback, to_unit_range
+    from pcrl.data import read_volume, split_or_fallback, threshold_to_unit, to_unit_range
     from pcrl.views import PCRLv2Views
 
     records, fell_back = split_or_fallback(cfg.data.shards, cfg.tracking.image_split, cfg.data.split)
@@ -132,8 +132,7 @@ def panel_views(cfg: PretrainConfig) -> list[PanelView]:
         if record.key not in cache:
             array, _ = read_volume(record)
             cache[record.key] = to_unit_range(array, record.modality, cfg.data.ct_window)
-        hu = cfg.views.tissue_threshold_hu if cfg.views.tissue_filter else None
-        threshold = _threshold_to_unit(hu, record.modality, cfg.data.ct_window)
+        threshold = threshold_to_unit(cfg.views.filter_threshold_hu, record.modality, cfg.data.ct_window)
         seed = np.random.SeedSequence([cfg.run.seed, _PANEL_STREAM, i]).generate_state(1, np.uint64)[0]
         sample = views(cache[record.key], seed=int(seed >> np.uint64(1)), tissue_threshold=threshold)
         box_size = sample["boxes"]["global"][0, 1].tolist()  # type: ignore[index]

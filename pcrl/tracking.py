@@ -120,8 +120,6 @@ class Tracker:
         """``metrics.jsonl`` may hold records the MLflow run lacks (checked at the next connection)."""
         self._failed_at: float | None = None
         """``time.monotonic()`` of the last failed MLflow call; None while connected."""
-        self.sent = 0
-        """Metric values the last :meth:`sync` sent."""
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self, run_name: str, params: Mapping[str, Any], run_id: str | None = None) -> str | None:
@@ -215,7 +213,7 @@ class Tracker:
         self._run_name, self._params = run_name, dict(params)
         saved = self._saved_run()
         self.run_id = saved.get("run_id")
-        sent = self.sent = self._connect(running=False, raise_errors=True)
+        sent = self._connect(running=False, raise_errors=True)
         if saved.get("status"):
             self._client.set_terminated(self.run_id, status=saved["status"])
             self._save_run(status=None)
@@ -423,13 +421,10 @@ class SweepTracker:
             else:
                 run = client.create_run(self._experiment_id, run_name=name, tags={"pcrl.kind": "sweep"})
                 self.run_id = run.info.run_id
-                self._params(self.run_id, params)
+                _log_params(client, self.run_id, params)
         except Exception as e:
             self._warn("start the sweep's parent run", e)
         return self.run_id
-
-    def _params(self, run_id: str, params: Mapping[str, Any]) -> None:
-        _log_params(self._client, run_id, params)
 
     def _child(
         self,
@@ -448,7 +443,7 @@ class SweepTracker:
                 run_id = runs[0].info.run_id
             elif create:
                 run_id = client.create_run(self._experiment_id, run_name=trial).info.run_id
-                self._params(run_id, params)
+                _log_params(client, run_id, params)
             else:
                 return None
         if parent:
@@ -480,7 +475,7 @@ class SweepTracker:
         run_id = None
         if run_dir is not None and (run_dir / "metrics.jsonl").is_file():
             try:
-                run_id = sync_run_folder(run_dir, self.uri, self.experiment, run_name=trial).run_id
+                run_id = sync_run_folder(run_dir, self.uri, self.experiment, run_name=trial)[0].run_id
             except Exception as e:
                 self._warn(f"send the records of trial {trial} from {run_dir}", e)
         try:
@@ -611,7 +606,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pcrl.tracking: error: {run_dir} has no metrics.jsonl; give a run folder", file=sys.stderr)
         return 2
     try:
-        tracker = sync_run_folder(run_dir, args.uri, args.experiment)
+        tracker, sent = sync_run_folder(run_dir, args.uri, args.experiment)
     except (ConfigError, FileNotFoundError) as e:
         print(f"pcrl.tracking: error: {run_dir / 'config.yaml'}: {e}", file=sys.stderr)
         return 2
@@ -619,17 +614,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pcrl.tracking: error: {e}; is the server up? (nothing was changed)", file=sys.stderr)
         return 1
     print(
-        f"{run_dir}: MLflow run {tracker.run_id} at {tracker.uri} is up to date "
-        f"({tracker.sent} metric values sent)"
+        f"{run_dir}: MLflow run {tracker.run_id} at {tracker.uri} is up to date ({sent} metric values sent)"
     )
     return 0
 
 
 def sync_run_folder(
     run_dir: Path, uri: str | None = None, experiment: str | None = None, run_name: str | None = None
-) -> Tracker:
+) -> tuple[Tracker, int]:
     """Bring the MLflow run of a run folder up to date with its ``metrics.jsonl`` and files (see
-    :meth:`Tracker.sync`); returns the tracker, with ``run_id`` and ``sent`` (metric values sent) set.
+    :meth:`Tracker.sync`); returns the tracker (its ``run_id`` and ``uri``) and the metric values sent.
 
     Args:
         run_dir: the run folder (``config.yaml``, ``metrics.jsonl``).
@@ -647,8 +641,7 @@ def sync_run_folder(
     tracker = Tracker(
         run_dir, cfg.tracking.uri if uri is None else uri, experiment or cfg.tracking.experiment
     )
-    tracker.sync(run_name or cfg.run.name, flatten_config(cfg))
-    return tracker
+    return tracker, tracker.sync(run_name or cfg.run.name, flatten_config(cfg))
 
 
 if __name__ == "__main__":

@@ -4,12 +4,11 @@ stopped by PID (the faults tests stop and restart it; the sweep tests keep one f
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
+
+from processes import stop_group, wait_http
 
 from pcrl.distributed import free_port
 
@@ -40,32 +39,10 @@ class MlflowServer:
             self.proc = subprocess.Popen(
                 cmd, cwd=self.folder, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
             )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"mlflow server exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}"
-                )
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=5) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.3)
-        raise AssertionError(
-            f"mlflow server did not answer in {timeout_s} s:\n{self.log.read_text()[-3000:]}"
-        )
+        wait_http(f"{self.uri}/health", self.proc, self.log, timeout_s)
 
     def stop(self) -> None:
         """SIGTERM to the server's process group (uvicorn and its worker), SIGKILL if it lingers."""
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        except ProcessLookupError:
-            pass
+        if self.proc is not None:
+            stop_group(self.proc, grace_s=30)
         self.proc = None

@@ -23,6 +23,14 @@ def _state(folder: Path) -> dict[str, tuple[int, int]]:
     return {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in sorted(folder.iterdir())}
 
 
+def _assert_same_set(out: Path, ref: Path) -> None:
+    """``out`` holds the same shard files as ``ref``, and manifest, rejects and every shard are byte-identical."""
+    names = sorted(p.name for p in ref.glob("shard-*.tar"))
+    assert sorted(p.name for p in out.glob("shard-*.tar")) == names
+    for name in ["manifest.jsonl", "rejects.jsonl", *names]:
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+
+
 def test_shard_rerun_on_unchanged_input_writes_nothing(
     sample_volumes: dict[str, Path], sample_shards: Path
 ) -> None:
@@ -69,12 +77,7 @@ def test_shard_killed_before_journaling_its_first_shard_resumes(
     images = [sample_volumes[n] for n in image_names(sample_volumes)]
     summary = shard_volumes(images, out, shard_size_mb=4, workers=1, progress=False)
     assert summary.accepted == 4 and summary.resumed == 0
-    for name in [
-        "manifest.jsonl",
-        "rejects.jsonl",
-        *sorted(p.name for p in sample_shards.glob("shard-*.tar")),
-    ]:
-        assert (out / name).read_bytes() == (sample_shards / name).read_bytes(), name
+    _assert_same_set(out, sample_shards)
 
 
 def test_shard_rerun_with_other_options_needs_overwrite(
@@ -116,10 +119,7 @@ def test_shard_killed_job_resumes_to_the_same_manifest(
     summary = shard_volumes(images, out, shard_size_mb=4, workers=1, progress=False)
     assert summary.resumed >= 1 and not summary.up_to_date
     assert (out / "shard-000000.tar").stat().st_mtime_ns == first.st_mtime_ns  # reused, not rewritten
-    names = sorted(p.name for p in sample_shards.glob("shard-*.tar"))
-    assert sorted(p.name for p in out.glob("shard-*.tar")) == names
-    for name in ["manifest.jsonl", "rejects.jsonl", *names]:
-        assert (out / name).read_bytes() == (sample_shards / name).read_bytes(), name
+    _assert_same_set(out, sample_shards)
     assert not (out / JOURNAL_NAME).exists() and not list(out.glob("*.tmp"))
     assert json.loads((out / "summary.json").read_text())["accepted"] == 4
 
@@ -135,12 +135,7 @@ def test_shard_killed_before_any_shard_is_complete_resumes_to_the_same_bytes(
     assert not list(out.glob("shard-*.tar"))
     summary = shard_volumes(images, out, shard_size_mb=4, workers=1, progress=False)
     assert summary.resumed == 0 and summary.accepted == 4
-    for name in [
-        "manifest.jsonl",
-        "rejects.jsonl",
-        *sorted(p.name for p in sample_shards.glob("shard-*.tar")),
-    ]:
-        assert (out / name).read_bytes() == (sample_shards / name).read_bytes(), name
+    _assert_same_set(out, sample_shards)
     assert not list(out.glob("*.tmp"))
 
 

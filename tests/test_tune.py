@@ -16,11 +16,12 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow_server import MlflowServer
+from processes import stop_group
 from test_pretrain import REPO, _env
-from test_ui import _stop
 
 from pcrl.config import ConfigError, load_config
 
@@ -83,6 +84,25 @@ def _tune(config: Path, uri: str, log: Path, *extra: str) -> subprocess.Popen[by
         )
 
 
+def check_two_trial_runs(uri: str, log: str) -> Any:
+    """The MLflow side of a finished 2-trial sweep (``optim.lr`` 0.01 and 0.003, ``train.max_steps=2``):
+    one parent run, FINISHED with ``best/val/psnr``, and one nested child run per trial, FINISHED, with its
+    ``val/psnr`` at step 2. Returns the parent run; ``log`` (the sweep's output) goes with a failure."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("pcrl").experiment_id], max_results=100)
+    (parent,) = [r for r in runs if r.data.tags.get("pcrl.kind") == "sweep"]
+    assert parent.info.status == "FINISHED" and "best/val/psnr" in parent.data.metrics
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(float(r.data.params["optim.lr"]) for r in children) == [0.003, 0.01]
+    for run in children:
+        assert run.info.status == "FINISHED" and run.data.tags["pcrl.outcome"] == "finished"
+        history = [m.step for m in client.get_metric_history(run.info.run_id, "val/psnr")]
+        assert history == [2], (run.info.run_name, log[-6000:])
+    return parent
+
+
 def _finished_trials(trials: Path) -> list[Path]:
     return sorted(p.parent.parent for p in trials.glob("*/checkpoints/step_00000006"))
 
@@ -113,7 +133,7 @@ def test_sweep_asha_failure_kill_resume_and_mlflow(
     try:
         assert proc.wait(400) == 0, log.read_text()[-6000:]
     finally:
-        _stop(proc)
+        stop_group(proc)
     text = log.read_text()
     assert "optim.lr: must be > 0" in text  # the failing trial is reported with its reason
     assert (first / "metrics.jsonl").read_text() == first_records, "a finished trial ran again"
@@ -205,7 +225,7 @@ def test_sweep_two_workers_per_trial(sample_shards: Path, tmp_path: Path) -> Non
     try:
         assert proc.wait(600) == 0, log.read_text()[-6000:]
     finally:
-        _stop(proc)
+        stop_group(proc)
 
     import torch
 
@@ -217,16 +237,5 @@ def test_sweep_two_workers_per_trial(sample_shards: Path, tmp_path: Path) -> Non
         assert [r["data"]["rank"] for r in state["ranks"]] == [0, 1]
         assert all(r["data"]["world_size"] == 2 for r in state["ranks"])
     assert load_config(sweep_dir / "best.yaml").optim.lr in (0.01, 0.003)
-
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
-    runs = client.search_runs([client.get_experiment_by_name("pcrl").experiment_id], max_results=100)
-    (parent,) = [r for r in runs if r.data.tags.get("pcrl.kind") == "sweep"]
-    assert parent.info.status == "FINISHED" and "best/val/psnr" in parent.data.metrics
+    parent = check_two_trial_runs(f"sqlite:///{store}", log.read_text())
     assert parent.data.params["workers_per_trial"] == "2"
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert sorted(float(r.data.params["optim.lr"]) for r in children) == [0.003, 0.01]
-    for run in children:
-        assert run.info.status == "FINISHED" and run.data.tags["pcrl.outcome"] == "finished"
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "val/psnr")] == [2]

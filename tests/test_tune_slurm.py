@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from slurm_cluster import SlurmCluster, wait_job
 from test_pretrain import REPO
-from test_tune import _sweep_yaml
+from test_tune import _sweep_yaml, check_two_trial_runs
 
 from pcrl.config import load_config
 from pcrl.distributed import free_port
@@ -109,16 +109,4 @@ def test_tune_sbatch_two_nodes(slurm: SlurmCluster, sample_shards: Path, tmp_pat
     best = load_config(sweep_dir / "best.yaml")
     assert best.optim.lr in (0.01, 0.003) and best.train.max_steps == 2
     assert len(list((sweep_dir / "trials").glob("*/checkpoints/step_00000002"))) == 2
-
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
-    runs = client.search_runs([client.get_experiment_by_name("pcrl").experiment_id], max_results=100)
-    (parent,) = [r for r in runs if r.data.tags.get("pcrl.kind") == "sweep"]
-    assert parent.info.status == "FINISHED" and "best/val/psnr" in parent.data.metrics
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert sorted(float(r.data.params["optim.lr"]) for r in children) == [0.003, 0.01]
-    for run in children:
-        assert run.info.status == "FINISHED" and run.data.tags["pcrl.outcome"] == "finished"
-        history = [m.step for m in client.get_metric_history(run.info.run_id, "val/psnr")]
-        assert history == [2], (run.info.run_name, out[-6000:])
+    check_two_trial_runs(f"sqlite:///{store}", out)

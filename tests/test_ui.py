@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from processes import stop_group, wait_http
 from test_pretrain import REPO, _deepspeed
 
 from pcrl.distributed import free_port
@@ -35,33 +34,6 @@ pytestmark = [
         reason="Debian's chromium is not installed (.ci/run installs it: apt-get install chromium)",
     ),
 ]
-
-
-def _stop(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
-    """Stop a process started with start_new_session=True and everything it started (its group)."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(grace_s)
-        except ProcessLookupError:
-            pass
-
-
-def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"{proc.args} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer within {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -98,13 +70,13 @@ def ui_address(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
             cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
-        _wait_http(f"http://127.0.0.1:{port}/health", proc, log)
+        wait_http(f"http://127.0.0.1:{port}/health", proc, log)
         printed = re.search(r"http://127\.0\.0\.1:\d+\S*", log.read_text())
         assert printed, f"make ui printed no address:\n{log.read_text()[-3000:]}"
         assert printed.group(0).startswith(f"http://127.0.0.1:{port}/")
         yield printed.group(0)
     finally:
-        _stop(proc)
+        stop_group(proc)
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +124,7 @@ def browser_page(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
             yield page
             browser.close()
     finally:
-        _stop(proc)
+        stop_group(proc)
 
 
 def _close_assistant(page) -> None:  # type: ignore[no-untyped-def]

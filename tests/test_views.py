@@ -221,6 +221,33 @@ def test_tissue_integral_equals_exact_score_on_random_boxes():
     )
 
 
+def test_tissue_integral_uint16_wraps_and_stays_exact():
+    """The uint16 integral of a volume wide enough for its sums to wrap modulo 2^16 (the small volume above
+    never wraps) scores boxes within ``max_box_area`` exactly as the unwrapped int32 one and
+    :func:`tissue_score`, and refuses a box wider than that area."""
+    g = torch.Generator().manual_seed(5)
+    shape, depth, area = (300, 300, 8), 3, 64 * 64
+    vol = (torch.rand(*shape, generator=g) < 0.3).float() * 0.4 + smooth_volume(shape, 6) * 0.6
+    lo, hi = [0, 0, 0], list(shape)
+    exact_sums = TissueIntegral(vol, 0.45, depth, lo, hi)
+    wrapped = TissueIntegral(vol, 0.45, depth, lo, hi, max_box_area=area)
+    assert wrapped.integral.dtype == np.uint16 and exact_sums.integral.dtype == np.int32
+    assert exact_sums.integral.max() >= 2**16  # the uint16 sums really wrap
+    rng = np.random.default_rng(1)
+    sizes = np.concatenate([rng.integers(1, 65, size=(200, 2)), rng.integers(depth, 9, size=(200, 1))], 1)
+    sizes = sizes[sizes[:, 0] * sizes[:, 1] <= area]
+    starts = rng.integers(0, np.array(shape) - sizes + 1)
+    fast = wrapped.scores(starts, sizes)
+    assert np.array_equal(fast, exact_sums.scores(starts, sizes))
+    exact = [
+        tissue_score(vol, Box(tuple(s), tuple(z)), 0.45, depth)
+        for s, z in zip(starts[:40], sizes[:40], strict=True)
+    ]
+    assert np.array_equal(fast[:40], np.array(exact)) and 0.05 < fast.mean() < 0.95
+    with pytest.raises(ValueError, match="max_box_area"):
+        wrapped.scores(np.array([[0, 0, 0]]), np.array([[65, 64, depth]]))
+
+
 @pytest.mark.parametrize("shape", [(160, 80, 48), (90, 70, 2)])
 def test_tissue_filter_selects_like_the_sequential_rule(shape):
     """Pins the vectorised tissue filter to the rule it implements, scored box by box with tissue_score: the

@@ -8,6 +8,7 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -19,9 +20,10 @@ pytestmark = pytest.mark.integration
 EXIT_NONFINITE = 3
 
 
-def _module(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+def _states(run_dir: Path, step: int) -> dict[str, Any]:
+    """The model-states file of checkpoint ``step`` (the module's tensors and pcrl's client state)."""
     path = run_dir / f"checkpoints/step_{step:08d}/mp_rank_00_model_states.pt"
-    return torch.load(path, map_location="cpu", weights_only=True)["module"]
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def test_nonfinite_loss_skips_n_steps_then_stops(sample_shards: Path, tmp_path: Path) -> None:
@@ -65,13 +67,8 @@ def test_nonfinite_loss_skips_n_steps_then_stops(sample_shards: Path, tmp_path: 
     assert stop not in records, "nothing is logged for the step that stopped the run"
 
     # A skipped step changes nothing: parameters and buffers saved after the two skips equal those before.
-    before, after = _module(run_dir, skipped[0] - 1), _module(run_dir, skipped[1])
-    for name, tensor in before.items():
-        torch.testing.assert_close(after[name], tensor, rtol=0, atol=0, equal_nan=True, msg=name)
+    before, after = _states(run_dir, skipped[0] - 1), _states(run_dir, skipped[1])
+    for name, tensor in before["module"].items():
+        torch.testing.assert_close(after["module"][name], tensor, rtol=0, atol=0, equal_nan=True, msg=name)
     # The count survives in the checkpoint, so a relaunch goes on counting.
-    state = torch.load(
-        run_dir / f"checkpoints/step_{skipped[1]:08d}/mp_rank_00_model_states.pt",
-        map_location="cpu",
-        weights_only=True,
-    )
-    assert state["nonfinite_skips"] == 2
+    assert after["nonfinite_skips"] == 2
