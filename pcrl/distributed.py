@@ -34,6 +34,8 @@ __all__ = [
     "lost_ranks",
     "peer_failure",
     "rank",
+    "release_shm_workspace",
+    "shm_workspace",
     "world_size",
 ]
 
@@ -128,6 +130,28 @@ def peer_failure(error: BaseException) -> bool:
     if isinstance(error, dist.DistError):
         return True
     return isinstance(error, RuntimeError) and "gloo/" in str(error) and _initialized()
+
+
+SHM_DIR = Path("/dev/shm")
+"""Where POSIX shared memory objects live on Linux."""
+
+
+def shm_workspace(rank: int, addr: str, port: str | int) -> Path:
+    """The shared-memory all-reduce workspace DeepSpeed's CPU backend creates for ``rank`` of the process
+    group at ``addr:port`` (``deepspeed/ops/csrc/cpu/comm/shm.cpp``: 67 MB, named by uid, address, port
+    and rank)."""
+    return SHM_DIR / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def release_shm_workspace() -> None:
+    """Remove this rank's DeepSpeed CPU all-reduce workspace from ``/dev/shm``.
+
+    DeepSpeed never unlinks it, so every CPU run left 67 MB per rank of shared memory (RAM) behind until
+    the machine rebooted. The other ranks mapped it when the process group started, so removing the name
+    frees nothing they still use: the memory goes once the last of them exits. No-op without one."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if addr and port:
+        shm_workspace(rank(), addr, port).unlink(missing_ok=True)
 
 
 def lost_ranks(wait_s: float = 10.0) -> list[int]:

@@ -327,6 +327,7 @@ def train(cfg: PretrainConfig, reporter: Reporter | None = None) -> dict[str, fl
         raise RankLost(distributed.lost_ranks(), e, cfg.run_dir) from e
     finally:
         stop.restore()
+        distributed.release_shm_workspace()
 
 
 def _train(cfg: PretrainConfig, reporter: Reporter | None, stop: _StopSignals) -> dict[str, float]:

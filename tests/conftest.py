@@ -39,6 +39,35 @@ def _no_leftover_process_group() -> Iterator[None]:
         torch.distributed.destroy_process_group()
 
 
+def _mapped_shm() -> set[str]:
+    """Names of the /dev/shm files some live process has mapped."""
+    names = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            names |= {
+                line.rsplit("/", 1)[-1] for line in maps.read_text().splitlines() if "/dev/shm/" in line
+            }
+        except OSError:  # gone meanwhile
+            continue
+    return names
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_leaked_shm_workspaces() -> Iterator[None]:
+    """Ranks the tests SIGKILL cannot remove their DeepSpeed all-reduce workspace (67 MB of RAM each, see
+    ``pcrl.distributed.release_shm_workspace``): at the end of the session, those the session's runs left
+    and no live process maps are removed."""
+    from pcrl.distributed import SHM_DIR
+
+    pattern = f"deepspeed_allreduce_buffer_{os.getuid()}_*"
+    before = set(SHM_DIR.glob(pattern))
+    yield
+    mapped = _mapped_shm()
+    for path in set(SHM_DIR.glob(pattern)) - before:
+        if path.name not in mapped:
+            path.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="session")
 def sample_volumes() -> dict[str, Path]:
     """Real pyradiomics NRRDs, name → path: ``lung1``, ``lung2`` (CT), ``brain1``, ``brain2``, ``breast1``
