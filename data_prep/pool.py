@@ -156,7 +156,14 @@ class Pool:
         executor = self._executor
 
         def submit(fn: Callable[..., Any], a: tuple[Any, ...]) -> Future[Any]:
-            return executor.submit(fn, *a)
+            try:
+                return executor.submit(fn, *a)
+            except BrokenProcessPool as e:
+                # A worker died before this task went in: it fails like the tasks in flight, in order, as a
+                # WorkerDied from result() (not a bare BrokenProcessPool from the middle of map()).
+                lost: Future[Any] = Future()
+                lost.set_exception(e)
+                return lost
 
         def result(future: Future[Any], a: tuple[Any, ...]) -> Any:
             try:
