@@ -634,9 +634,26 @@ def _type_hints(dc_type: type) -> dict[str, Any]:
     return typing.get_type_hints(dc_type)
 
 
+@dataclass(frozen=True)
+class _OverrideScalar:
+    """A command-line value that YAML read as a number, a boolean, a date or null: a string field takes the
+    text as written (``run.name=28683_00000`` stays that, not the integer 2868300000; ``data.shards=0123``
+    is not octal 83), every other field the value YAML read."""
+
+    text: str
+    value: Any
+
+    def for_type(self, tp: Any) -> Any:
+        if tp is str:
+            return "" if self.value is None else self.text
+        return self.value
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     import typing
 
+    if isinstance(value, _OverrideScalar):
+        value = value.for_type(tp)
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
@@ -731,7 +748,8 @@ def _deep_update(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
-    """Turn ``["a.b=1", "c=[1, 2]"]`` into a nested dict; values are parsed as YAML scalars/lists."""
+    """Turn ``["a.b=1", "c=[1, 2]"]`` into a nested dict; values are parsed as YAML scalars/lists, except
+    that a string field given an unquoted number, boolean, date or null keeps the text as written."""
     import yaml
 
     tree: dict[str, Any] = {}
@@ -746,6 +764,8 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
+        if not isinstance(value, str | list | dict):
+            value = _OverrideScalar(raw.strip(), value)
         _set_dotted(tree, key, value)
     return tree
 

@@ -98,6 +98,29 @@ def test_config_precedence_cli_over_yaml_over_defaults(tmp_path: Path) -> None:
     assert cfg.objective.weights.local == 1.0
 
 
+def test_config_string_overrides_keep_their_text() -> None:
+    """A string key given something YAML reads as a number keeps the text as written (a Ray trial id like
+    28683_00000 became the run name 2868300000, so the sweep driver looked for the trial in another
+    folder); quotes and null still mean what YAML says, and other keys still get YAML's value."""
+    cfg = load_config(
+        None,
+        [
+            "run.name=28683_00000",
+            "data.shards=0123",
+            "run.output_dir='007'",
+            "tracking.uri=null",
+            "tracking.experiment=2026-01-02",
+            "train.max_steps=1_000",
+            "tracking.enabled=false",
+        ],
+    )
+    assert cfg.run.name == "28683_00000" and cfg.data.shards == "0123" and cfg.run.output_dir == "007"
+    assert cfg.tracking.uri == "" and cfg.tracking.experiment == "2026-01-02"
+    assert cfg.train.max_steps == 1000 and cfg.tracking.enabled is False
+    with pytest.raises(ConfigError, match=r"^train\.max_steps: expected an integer, got 'x'"):
+        load_config(None, ["train.max_steps=x"])
+
+
 def test_config_bad_yaml_files_are_named(tmp_path: Path) -> None:
     """A broken or misplaced file is reported with its path, not as a parser traceback."""
     with pytest.raises(FileNotFoundError, match=r"nope\.yaml"):

@@ -95,11 +95,13 @@ def check_two_trial_runs(uri: str, log: str) -> Any:
     (parent,) = [r for r in runs if r.data.tags.get("pcrl.kind") == "sweep"]
     assert parent.info.status == "FINISHED" and "best/val/psnr" in parent.data.metrics
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    names = sorted(r.info.run_name for r in runs)
+    assert len(runs) == 3, f"the parent and one run per trial, no other: {names}"
     assert sorted(float(r.data.params["optim.lr"]) for r in children) == [0.003, 0.01]
     for run in children:
         assert run.info.status == "FINISHED" and run.data.tags["pcrl.outcome"] == "finished"
         history = [m.step for m in client.get_metric_history(run.info.run_id, "val/psnr")]
-        assert history == [2], (run.info.run_name, log[-6000:])
+        assert history == [2], f"{run.info.run_name}: val/psnr at steps {history}\n{log[-6000:]}"
     return parent
 
 
@@ -203,6 +205,17 @@ def test_sweep_config_errors_name_the_key(tmp_path: Path) -> None:
         load_sweep(bad, ["data.shards=x"])
     with pytest.raises(ConfigError, match=r"num_sample\b"):
         load_sweep(path, ["data.shards=x", "num_sample=3"])  # goes to the pretraining config: unknown key
+
+
+def test_trial_run_folder_is_the_trial_id_as_written(tmp_path: Path) -> None:
+    """The driver finds a trial's records in trial_dir(); the trial writes them to its config's run folder.
+    The two agree for every Ray trial id, one of only digits and an underscore included."""
+    from pcrl.sweep import load_sweep, trial_config, trial_dir
+
+    sweep = load_sweep(_sweep_yaml(tmp_path / "sweep.json", tmp_path / "shards", tmp_path / "out"))
+    for trial in ("28683_00000", "be495_00001", "00000_00002"):
+        cfg = trial_config(sweep, {"optim.lr": 0.01}, trial, uri="sqlite:///x.db")
+        assert cfg.run_dir == trial_dir(sweep, trial) and cfg.run.name == trial
 
 
 @pytest.mark.slow
