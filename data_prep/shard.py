@@ -896,14 +896,24 @@ def shard_volumes(inputs: Sequence[Path], output: Path, **options: Any) -> Summa
     """
     opts = ShardOptions(**options)
     with Pool(opts.workers, opts.ray) as pool:
-        return _run(*_start(inputs, Path(output), opts, pool), pool)
+        return _run(_start(inputs, Path(output), opts, pool), pool)
 
 
-def _start(
-    inputs: Sequence[Path], output: Path, opts: ShardOptions, pool: Pool
-) -> tuple[Sequence[Path], Path, ShardOptions, Discovery, Resume, str]:
-    """Everything that can fail because of the user's request, before any volume is read; the last item is
-    the job's :func:`fingerprint`.
+@dataclass
+class _Job:
+    """A sharding job that :func:`_start` has checked, ready for :func:`_run`."""
+
+    inputs: Sequence[Path]
+    output: Path
+    opts: ShardOptions
+    found: Discovery
+    resume: Resume
+    fingerprint: str
+    """Of the input files and options (:func:`fingerprint`): the resume check's and ``summary.json``'s."""
+
+
+def _start(inputs: Sequence[Path], output: Path, opts: ShardOptions, pool: Pool) -> _Job:
+    """Everything that can fail because of the user's request, before any volume is read.
 
     A folder that already holds this job's complete output is recognised from the file listing alone,
     before any DICOM header is read (a no-op re-run of millions of DICOM files reads none of them).
@@ -911,10 +921,10 @@ def _start(
     files = list_files(inputs, opts.exclude)
     job = fingerprint([f.path for f in files], opts)
     if not opts.overwrite and (done := _completed(output, job)) is not None:
-        return inputs, output, opts, Discovery([], [], []), Resume(done=done), job
+        return _Job(inputs, output, opts, Discovery([], [], []), Resume(done=done), job)
     found = find_inputs(inputs, opts.exclude, opts.series_gaps == "split", pool, files)
     resume = _prepare_output(output, opts.overwrite, job)
-    return inputs, output, opts, found, resume, job
+    return _Job(inputs, output, opts, found, resume, job)
 
 
 def _reject_line(r: Rejected, files: int = 1, **extra: Any) -> str:
@@ -966,15 +976,8 @@ class _Journal:
         self._f.close()
 
 
-def _run(
-    inputs: Sequence[Path],
-    output: Path,
-    opts: ShardOptions,
-    found: Discovery,
-    resume: Resume,
-    job: str,
-    pool: Pool,
-) -> Summary:
+def _run(job: _Job, pool: Pool) -> Summary:
+    output, opts, found, resume = job.output, job.opts, job.found, job.resume
     if resume.done is not None:
         logger.info("%s already holds this job's complete output; nothing to do", output)
         resume.done.up_to_date = True
@@ -989,7 +992,7 @@ def _run(
         ignored=len(found.ignored),
         max_reject_fraction=opts.max_reject_fraction,
         arguments={
-            "inputs": [str(p) for p in inputs],
+            "inputs": [str(p) for p in job.inputs],
             "output": str(output),
             **{
                 k: (dict(v) if isinstance(v, Mapping) else list(v) if isinstance(v, tuple) else v)
@@ -997,7 +1000,7 @@ def _run(
             },
         },
         versions=_versions(),
-        fingerprint=job,
+        fingerprint=job.fingerprint,
         resumed=resume.next_index,
     )
     items = found.items
@@ -1172,7 +1175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 1
         try:
-            summary = _run(*job, pool)
+            summary = _run(job, pool)
         except PoolError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1

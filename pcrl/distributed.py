@@ -36,6 +36,7 @@ __all__ = [
     "rank",
     "release_shm_workspace",
     "shm_workspace",
+    "shm_workspaces",
     "world_size",
 ]
 
@@ -136,11 +137,20 @@ SHM_DIR = Path("/dev/shm")
 """Where POSIX shared memory objects live on Linux."""
 
 
+def _shm_prefix() -> str:
+    return f"deepspeed_allreduce_buffer_{os.getuid()}_"
+
+
 def shm_workspace(rank: int, addr: str, port: str | int) -> Path:
     """The shared-memory all-reduce workspace DeepSpeed's CPU backend creates for ``rank`` of the process
     group at ``addr:port`` (``deepspeed/ops/csrc/cpu/comm/shm.cpp``: 67 MB, named by uid, address, port
     and rank)."""
-    return SHM_DIR / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+    return SHM_DIR / f"{_shm_prefix()}{addr}_{port}_{rank}"
+
+
+def shm_workspaces() -> set[Path]:
+    """Every DeepSpeed CPU all-reduce workspace of this user in ``/dev/shm`` (live runs' included)."""
+    return set(SHM_DIR.glob(f"{_shm_prefix()}*"))
 
 
 def release_shm_workspace() -> None:

@@ -604,14 +604,6 @@ class _TrialRuns(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         step = int((trial.last_result or {}).get("step", 0))
         outcome = "finished" if step >= self.max_steps else "stopped_early"
-        run_dir = trial_dir(self.sweep, trial.trial_id)
-        if outcome == "finished" and not (run_dir / "metrics.jsonl").is_file():
-            logger.warning(
-                "trial %s finished but %s holds no metrics.jsonl; its MLflow run may lack its records "
-                "(is the sweep folder on a filesystem the driver sees?)",
-                trial.trial_id,
-                run_dir,
-            )
         self.tracker.close_trial(
             trial.trial_id,
             self.parent,
@@ -619,7 +611,7 @@ class _TrialRuns(Callback):
             "FINISHED" if outcome == "finished" else "KILLED",
             {"pcrl.outcome": outcome, "pcrl.last_step": str(step)},
             # A trial stopped early may still be ending (its records are sent once all trials have ended).
-            run_dir=run_dir if outcome == "finished" else None,
+            run_dir=trial_dir(self.sweep, trial.trial_id) if outcome == "finished" else None,
         )
         logger.info("trial %s %s at step %d", trial.trial_id, outcome.replace("_", " "), step)
 

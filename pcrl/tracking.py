@@ -471,13 +471,22 @@ class SweepTracker:
 
         With ``run_dir`` (the trial's run folder, once its process has ended), the run is first brought up
         to date with the folder as ``python -m pcrl.tracking sync`` would: a trial whose own MLflow calls
-        failed (an outage, a locked SQLite store) still ends with every metric it recorded."""
+        failed (an outage, a locked SQLite store) still ends with every metric it recorded. A FINISHED trial
+        whose folder holds no ``metrics.jsonl`` is warned about (a trial that failed may have recorded
+        nothing)."""
         run_id = None
         if run_dir is not None and (run_dir / "metrics.jsonl").is_file():
             try:
                 run_id = sync_run_folder(run_dir, self.uri, self.experiment, run_name=trial)[0].run_id
             except Exception as e:
                 self._warn(f"send the records of trial {trial} from {run_dir}", e)
+        elif run_dir is not None and status == "FINISHED":
+            logger.warning(
+                "trial %s finished but %s holds no metrics.jsonl; its MLflow run may lack its records "
+                "(is the sweep folder on a filesystem the driver sees?)",
+                trial,
+                run_dir,
+            )
         try:
             run_id = self._child(trial, parent, params, create=True, run_id=run_id)
             for k, v in tags.items():

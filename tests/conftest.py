@@ -57,13 +57,12 @@ def _no_leaked_shm_workspaces() -> Iterator[None]:
     """Ranks the tests SIGKILL cannot remove their DeepSpeed all-reduce workspace (67 MB of RAM each, see
     ``pcrl.distributed.release_shm_workspace``): at the end of the session, those the session's runs left
     and no live process maps are removed."""
-    from pcrl.distributed import SHM_DIR
+    from pcrl.distributed import shm_workspaces
 
-    pattern = f"deepspeed_allreduce_buffer_{os.getuid()}_*"
-    before = set(SHM_DIR.glob(pattern))
+    before = shm_workspaces()
     yield
     mapped = _mapped_shm()
-    for path in set(SHM_DIR.glob(pattern)) - before:
+    for path in shm_workspaces() - before:
         if path.name not in mapped:
             path.unlink(missing_ok=True)
 

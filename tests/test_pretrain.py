@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pcrl.distributed import SHM_DIR, free_port
+from pcrl.distributed import free_port, shm_workspaces
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs/pretrain/tiny.yaml"
@@ -148,12 +148,11 @@ def test_pretrain_two_processes_see_disjoint_volumes(sample_shards: Path, tmp_pa
     # parameter broadcast when converted before deepspeed.initialize), and the decoder stages are
     # recomputed in backward (activation checkpointing) under the engine.
     overrides = [*_common(sample_shards, tmp_path, "two", 4), "engine.channels_last=true"]
-    workspaces = f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_*"
-    before = set(SHM_DIR.glob(workspaces))
+    before = shm_workspaces()
     proc = _deepspeed(2, [*overrides, "model.activation_checkpointing=true"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # DeepSpeed's CPU all-reduce workspaces (67 MB of RAM per rank) do not outlive the run.
-    assert set(SHM_DIR.glob(workspaces)) == before
+    assert shm_workspaces() == before
     run_dir = tmp_path / "two"
     for r in _records(run_dir):
         assert all(math.isfinite(r[k]) for k in TERMS)

@@ -7,6 +7,7 @@ must deliver the rest afterwards, idempotently."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -193,3 +194,25 @@ def test_sweep_closes_a_trial_with_the_records_its_own_mlflow_calls_lost(tmp_pat
         for key in ("loss/total", "val/psnr"):
             assert sorted(_history(uri, run.info.run_id, key)) == [1, 2], (name, key)
     assert children["lost"].data.params["train.log_every"] == str(PretrainConfig().train.log_every)
+
+
+def test_sweep_warns_of_a_finished_trial_without_records(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A trial Ray reports finished whose run folder holds no ``metrics.jsonl`` (the driver looks in another
+    folder than the trial wrote to, or cannot see it) is named in a warning; a failed one is not (it may have
+    failed before its first step)."""
+    from pcrl.tracking import SweepTracker
+
+    sweep = SweepTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "pcrl")
+    parent = sweep.start("sweep", {})
+    empty = tmp_path / "trials" / "t1"
+    empty.mkdir(parents=True)
+    with caplog.at_level(logging.WARNING, logger="pcrl.tracking"):
+        sweep.close_trial("t0", parent, {}, "FAILED", {}, run_dir=empty)
+        assert not caplog.records
+        sweep.close_trial("t1", parent, {}, "FINISHED", {}, run_dir=empty)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"trial t1 finished but {empty} holds no metrics.jsonl; its MLflow run may lack its records "
+        "(is the sweep folder on a filesystem the driver sees?)"
+    ]
