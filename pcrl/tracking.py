@@ -118,6 +118,8 @@ class Tracker:
         self._params_sent = True
         self._behind = True
         """``metrics.jsonl`` may hold records the MLflow run lacks (checked at the next connection)."""
+        self._files_behind = True
+        """The run folder may hold files the MLflow run lacks (uploaded at the next connection)."""
         self._failed_at: float | None = None
         """``time.monotonic()`` of the last failed MLflow call; None while connected."""
 
@@ -177,7 +179,7 @@ class Tracker:
         ``python -m pcrl.tracking sync``."""
         if not self.enabled:
             return
-        if self._client is None and not self._connect(running=False):
+        if self._client is None and self._connect(running=False) < 0:
             self._save_run(status=status)
             logger.warning(
                 "MLflow at %s is still unreachable at the end of the run; every record is in %s. Once it is "
@@ -243,7 +245,6 @@ class Tracker:
             sent = 0
             if self._behind:
                 sent = _send_missing(client, self.run_id, self._read_records())
-                _send_missing_files(client, self.run_id, self.run_dir)
                 self._behind = False
         except Exception as e:
             if raise_errors:
@@ -257,6 +258,23 @@ class Tracker:
         elif sent:
             logger.info("sent %d metric values from %s that MLflow did not have", sent, self._jsonl)
         self._client, self._failed_at = client, None
+        if self._files_behind:
+            # The files are not the metric stream: once the run has its records, a failed upload (the server
+            # going away again, an artifact store refusing writes) leaves the metrics flowing.
+            try:
+                _send_missing_files(client, self.run_id, self.run_dir)
+                self._files_behind = False
+            except Exception as e:
+                if raise_errors:
+                    raise RuntimeError(f"could not upload the files of {self.run_dir} to MLflow: {e}") from e
+                logger.warning(
+                    "could not upload the files of %s to MLflow at %s (%s); they stay in the run folder "
+                    "(python -m pcrl.tracking sync %s uploads them)",
+                    self.run_dir,
+                    self.uri,
+                    e,
+                    self.run_dir,
+                )
         return sent
 
     def _fail(self, message: str) -> None:
@@ -272,7 +290,7 @@ class Tracker:
             )
         else:
             logger.debug("%s", message)
-        self._client, self._failed_at, self._behind = None, time.monotonic(), True
+        self._client, self._failed_at, self._behind, self._files_behind = None, time.monotonic(), True, True
 
     # -- run folder ------------------------------------------------------------------------------
     def _saved_run(self) -> dict[str, Any]:
@@ -620,7 +638,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pcrl.tracking: error: {run_dir / 'config.yaml'}: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        print(f"pcrl.tracking: error: {e}; is the server up? (nothing was changed)", file=sys.stderr)
+        print(
+            f"pcrl.tracking: error: {e}; is the server up? (a re-run sends only what is missing)",
+            file=sys.stderr,
+        )
         return 1
     print(
         f"{run_dir}: MLflow run {tracker.run_id} at {tracker.uri} is up to date ({sent} metric values sent)"

@@ -104,6 +104,7 @@ def test_tracking_outage_loses_nothing_and_duplicates_nothing(
     # One warning per outage (start, middle, end), not one per failed call.
     assert out.count("training goes on, every record stays in") == 3, out[-4000:]
     assert out.count(f"MLflow at {server.uri} is reachable again") == 2
+    assert f"MLflow at {server.uri} is still unreachable at the end of the run" in out
     assert "python -m pcrl.tracking sync" in out
 
     # 5. Afterwards: sync delivers the rest and the final status; a second sync sends nothing.
@@ -129,6 +130,37 @@ def test_tracking_outage_loses_nothing_and_duplicates_nothing(
         r["loss/total"] for r in records
     ]
     assert "config.yaml" in {a.path for a in client.list_artifacts(run_id)}
+
+
+def test_tracking_keeps_sending_metrics_when_files_cannot_be_uploaded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An artifact store that refuses the run folder's files (here: its location lies under a regular file)
+    costs one warning naming the folder; the run and its metrics keep going to MLflow. Pins: the tracker
+    taking a failed upload for an outage, so that it stops sending metrics and, when the server really goes
+    away right after a reconnection, never says it was reachable again nor warns of the new outage."""
+    from mlflow.tracking import MlflowClient
+
+    from pcrl.config import PretrainConfig, save_config
+    from pcrl.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    MlflowClient(tracking_uri=uri).create_experiment("pcrl", artifact_location=str(blocker / "artifacts"))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_config(PretrainConfig(), run_dir / "config.yaml")
+    tracker = Tracker(run_dir, uri, "pcrl", retry_s=3600.0)
+    with caplog.at_level(logging.WARNING, logger="pcrl.tracking"):
+        run_id = tracker.start("run", {"optim.lr": 0.01})
+        tracker.log_metrics({"loss/total": 1.0}, step=1)
+        tracker.log_metrics({"loss/total": 0.5}, step=2)
+        tracker.finish()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "pcrl.tracking"]
+    assert len(warnings) == 1 and warnings[0].startswith(f"could not upload the files of {run_dir}"), warnings
+    assert run_id is not None and _history(uri, run_id) == [1, 2]
+    assert MlflowClient(tracking_uri=uri).get_run(run_id).info.status == "FINISHED"
 
 
 def test_tracking_sync_names_an_unreachable_server(tmp_path: Path) -> None:
@@ -210,9 +242,9 @@ def test_sweep_warns_of_a_finished_trial_without_records(
     empty.mkdir(parents=True)
     with caplog.at_level(logging.WARNING, logger="pcrl.tracking"):
         sweep.close_trial("t0", parent, {}, "FAILED", {}, run_dir=empty)
-        assert not caplog.records
+        assert not [r for r in caplog.records if r.name == "pcrl.tracking"]
         sweep.close_trial("t1", parent, {}, "FINISHED", {}, run_dir=empty)
-    assert [r.getMessage() for r in caplog.records] == [
+    assert [r.getMessage() for r in caplog.records if r.name == "pcrl.tracking"] == [
         f"trial t1 finished but {empty} holds no metrics.jsonl; its MLflow run may lack its records "
         "(is the sweep folder on a filesystem the driver sees?)"
     ]
