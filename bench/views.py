@@ -11,7 +11,8 @@ Two questions, answered separately because the reference and pcrl split the work
         then 8 torchio pipelines (T_s then T_g for each global view, T_s then T_l for each local) — the baseline;
     (b) ``torch_cpu``: pcrl's torch renderer on the CPU: cut the regions per sample, render the batch at once;
     (c) ``dali_cpu``: the same draws rendered by DALI in CPU mode; and with CUDA,
-    (d) ``torch_gpu`` and (e) ``dali_gpu``.
+    (d) ``torch_gpu`` and (e) ``dali_gpu``, from batches already cut and collated in pinned memory (the
+    loader workers' share, ``sampler_ms.cut`` per sample on one CPU core), so their rate is the GPU's own.
 
 (ii) **End to end with pcrl's online geometry sampling**: pcrl draws new boxes for every sample (the reference
     drew 16 pairs per CT once, offline, at 0.41 s per pair). The sampler's own cost per sample is measured
@@ -19,7 +20,8 @@ Two questions, answered separately because the reference and pcrl split the work
     (``views.pairs_per_volume: 1``, the default: the tissue filter's integral image is built each time) and
     ``sampler_ms.same_volume`` for further pairs of a volume already scored — and
     ``end_to_end_samples_per_s = 1 / (sampler + 1 / render rate)`` (one thread does both, one after the other;
-    for a GPU variant: one CPU core drawing for the GPU, as one loader worker does).
+    for a GPU variant ``1 / (sampler + cut + 1 / render rate)``: one CPU core drawing and cutting for the GPU,
+    as one loader worker does, and waiting for it — a lower bound, since workers and GPU overlap).
 
 CPU variants run on one thread (torch.set_num_threads(1); SimpleITK's global thread count 1 for torchio; one
 DALI thread) and are measured in CPU time of this process (all its threads), so the ratios are per core and
@@ -97,14 +99,17 @@ def torchio_renderer(cfg: ViewsConfig) -> Callable[[torch.Tensor, ViewPlan], dic
     return render
 
 
-def rate(fn: Callable[[int], int], n: int, sync: bool = False) -> tuple[float, float]:
+def rate(fn: Callable[[int], int], n: int, sync: bool = False, warmup: int = 1) -> tuple[float, float]:
     """Samples per second of wall time and per second of this process's CPU time (all its threads) of
-    ``fn(i)`` (which returns the samples it did) over at least ``n`` samples, after one warm-up.
+    ``fn(i)`` (which returns the samples it did) over at least ``n`` samples, after ``warmup`` calls.
 
     On a shared machine the wall time counts the time spent waiting for a core; the CPU time does not, so
     the per-core ratios come from it.
     """
-    fn(0)  # warm-up (DALI builds its pipeline, CUDA initialises)
+    for i in range(
+        warmup
+    ):  # DALI builds its pipeline, CUDA initialises and loads kernels, the allocator grows
+        fn(i)
     if sync:
         torch.cuda.synchronize()
     t0, c0 = time.perf_counter(), time.process_time()
@@ -146,8 +151,12 @@ def main() -> None:
         plans.append(views.plan(volume, i, threshold))
     new_volume_s = (time.process_time() - c0) / n_plans
     same_volume_s = _same_volume_seconds(views, volume_of[: len(volumes)], n_plans)
+    c0 = time.process_time()
+    for j in range(n_plans):
+        views.cut(volume_of[j][0], plans[j])
+    cut_s = (time.process_time() - c0) / n_plans
 
-    torchio = torchio_renderer(cfg)
+    torchio = torchio_renderer(cfg) if "torchio" in wanted else None
 
     def run_torchio(i: int) -> int:
         torchio(volume_of[i % n_plans][0], plans[i % n_plans])
@@ -156,10 +165,20 @@ def main() -> None:
     def batch_of(i: int, stack: bool) -> dict:
         at = [j % n_plans for j in range(i * b, i * b + b)]
         draws = [views.cut(volume_of[j][0], plans[j]) for j in at]
-        return collate_draws(draws, stack_regions=stack)
+        return collate_draws(draws, pack=stack)
 
-    def run_torch(i: int, device: str = "cpu") -> int:
-        views.render(batch_of(i, device != "cpu"), device)
+    def run_torch(i: int) -> int:
+        views.render(batch_of(i, False), "cpu")
+        return b
+
+    # A GPU variant renders batches the loader workers cut and collated (pinned, as the loader hands them
+    # over): the cut is CPU work of the workers, timed on its own below, not of the GPU.
+    gpu_batches: list[dict] = []
+    if torch.cuda.is_available() and any(n.endswith("_gpu") for n in wanted):
+        gpu_batches = [_pin(batch_of(i, True)) for i in range(n_plans // b)]
+
+    def run_torch_gpu(i: int) -> int:
+        views.render(gpu_batches[i % len(gpu_batches)], "cuda")
         return b
 
     dali = {}
@@ -169,7 +188,7 @@ def main() -> None:
 
         if device_id not in dali:
             dali[device_id] = DALIViews(cfg, device_id=device_id, max_batch_size=b, num_threads=1)
-        dali[device_id].render(batch_of(i, True))
+        dali[device_id].render(batch_of(i, True) if device_id is None else gpu_batches[i % len(gpu_batches)])
         return b
 
     variants = {
@@ -178,8 +197,22 @@ def main() -> None:
         "dali_cpu": lambda: rate(run_dali, args.samples),
     }
     if torch.cuda.is_available():
-        variants["torch_gpu"] = lambda: rate(lambda i: run_torch(i, "cuda"), args.gpu_samples, sync=True)
-        variants["dali_gpu"] = lambda: rate(lambda i: run_dali(i, 0), args.gpu_samples, sync=True)
+        # warm up on every pre-cut batch twice: a run of 1,024 samples at batch 32 after one warm-up batch
+        # measured 680 samples/s on an H100 where 4,096 samples gave 2,200-2,320 (first-use costs per batch)
+        warm = 2 * len(gpu_batches)
+        variants["torch_gpu"] = lambda: rate(run_torch_gpu, args.gpu_samples, sync=True, warmup=warm)
+        variants["dali_gpu"] = lambda: rate(
+            lambda i: run_dali(i, 0), args.gpu_samples, sync=True, warmup=warm
+        )
+    from pcrl.dali import dali_available
+
+    if not dali_available():
+        for name in [n for n in wanted if n.startswith("dali")]:
+            print(
+                f"{name:10s} skipped: NVIDIA DALI is not installed (pip install 'pcrl[dali]')",
+                file=sys.stderr,
+            )
+            variants.pop(name, None)
     results = {}
     for name in wanted:
         if name in variants:
@@ -189,7 +222,9 @@ def main() -> None:
             results[name] = {
                 "render_samples_per_s": render,
                 "render_samples_per_wall_s": wall,
-                "end_to_end_samples_per_s": 1.0 / (new_volume_s + 1.0 / render),
+                # a GPU variant's worker also cuts the regions (a CPU variant's rate includes its cut)
+                "end_to_end_samples_per_s": 1.0
+                / (new_volume_s + (cut_s if name.endswith("_gpu") else 0.0) + 1.0 / render),
             }
             print(
                 f"{name:10s} {render:8.2f} samples/s rendering ({wall:.2f} per wall second)", file=sys.stderr
@@ -203,7 +238,11 @@ def main() -> None:
         "batch": b,
         "volumes": len(volumes),
         "threads": 1,
-        "sampler_ms": {"new_volume": new_volume_s * 1e3, "same_volume": same_volume_s * 1e3},
+        "sampler_ms": {
+            "new_volume": new_volume_s * 1e3,
+            "same_volume": same_volume_s * 1e3,
+            "cut": cut_s * 1e3,
+        },
         "results": results,
         "loadavg": {"before": load_before[0], "after": os.getloadavg()[0]},
     }
@@ -225,6 +264,11 @@ def main() -> None:
             f"{name:10s} {r['render_samples_per_s']:10.2f} samples/s {r.get('render_x_torchio', float('nan')):6.2f}x torchio"
             f"   {r['end_to_end_samples_per_s']:10.2f} samples/s {r.get('end_to_end_x_torchio', float('nan')):6.2f}x torchio"
         )
+
+
+def _pin(batch: dict) -> dict:
+    """The batch with its tensors in pinned memory, as a loader with ``pin_memory`` hands it over."""
+    return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _same_volume_seconds(

@@ -128,7 +128,8 @@ class ViewsConfig:
     """The PCRLv2 sub-crop views (spec §2) with the reference's values as defaults, in voxels of 1 mm."""
 
     backend: str = "torch"
-    """Renderer: ``torch`` (CPU or GPU), ``dali`` (GPU pipeline) or ``auto`` (DALI when a GPU and DALI exist)."""
+    """Renderer: ``torch`` (CPU or GPU), ``dali`` (DALI pipeline, GPU or CPU mode) or ``auto`` (the renderer
+    measured fastest on the device: torch on CPUs and GPUs, see ``bench/views.py``)."""
     global_size: tuple[int, int, int] = (64, 64, 32)
     """Output size (x, y, z) of each global view."""
     local_size: tuple[int, int, int] = (16, 16, 16)

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from pcrl.config import ViewsConfig
-from pcrl.views import PCRLv2Views, _grid, _outside_fill, blur_window
+from pcrl.views import PCRLv2Views, _grid, _outside_fill, blur_window, region_list
 
 __all__ = ["DALIViews", "dali_available", "require_dali"]
 
@@ -111,8 +111,6 @@ class DALIViews(PCRLv2Views):
         cfg, gpu = self.cfg, self.device_id is not None
 
         def views(region: Any, name: str, count: int, size: Sequence[int]) -> list[Any]:
-            if gpu:
-                region = region.gpu()
             outs = []
             for v in range(count):
                 matrix = fn.external_source(name=f"{name}_matrix{v}", dtype=types.FLOAT)
@@ -137,11 +135,15 @@ class DALIViews(PCRLv2Views):
             exec_dynamic=True,
         )
         def pipeline() -> tuple[Any, ...]:
-            g = fn.external_source(name="global_region", layout="DHWC", dtype=types.FLOAT)
-            loc = fn.external_source(name="local_region", layout="DHWC", dtype=types.FLOAT)
+            # one region per sample that every view reads: float32 crops (CPU) or the packed float16 ones
+            # a loader hands a GPU (half the bytes to copy), widened on the device
+            region = fn.external_source(name="region", layout="DHWC")
+            if gpu:
+                region = region.gpu()
+            region = fn.cast(region, dtype=types.FLOAT)
             return (
-                *views(g, "global", 2, cfg.global_size),
-                *views(loc, "local", cfg.num_locals, cfg.local_size),
+                *views(region, "global", 2, cfg.global_size),
+                *views(region, "local", cfg.num_locals, cfg.local_size),
             )
 
         pipe = pipeline()
@@ -181,14 +183,16 @@ class DALIViews(PCRLv2Views):
         window = blur_window(sigma).astype(np.int32)
         n_views = {"global": 2, "local": cfg.num_locals}
         first = {"global": 0, "local": 2}
+        regions = batch["region"]
+        if (
+            "region_shape" in batch
+        ):  # packed float16 (a loader for a GPU): views of the pinned buffer, no copy
+            regions = region_list(regions, batch["region_shape"])
+        else:
+            regions = [r.to(torch.float32) for r in regions]
+        pipe.feed_input("region", [np.ascontiguousarray(r.cpu().numpy())[..., None] for r in regions])
+        origin = batch["origin"]
         for name, count in n_views.items():
-            regions = batch[f"{name}_region"]
-            regions = list(regions) if isinstance(regions, Tensor) else regions
-            pipe.feed_input(
-                f"{name}_region",
-                [np.ascontiguousarray(r.cpu().numpy(), dtype=np.float32)[..., None] for r in regions],
-            )
-            origin = batch[f"{name}_origin"]
             matrices = [_dali_affine(batch[f"{name}_affines"][i], origin[i]) for i in range(b)]
             for v in range(count):
                 k = first[name] + v
@@ -220,7 +224,7 @@ class DALIViews(PCRLv2Views):
         rows = torch.nonzero(~torch.isnan(pads))[:, 0]
         if len(rows) == 0:
             return
-        origin = batch[f"{name}_origin"].to(torch.float64).repeat_interleave(v, 0)[rows]
+        origin = batch["origin"].to(torch.float64).repeat_interleave(v, 0)[rows]
         extent = torch.ones(3, dtype=torch.float64)
         affines = batch[f"{name}_affines"].reshape(b * v, 3, 4)[rows]
         grid = _grid(affines, size, origin, extent, spatial.device)
@@ -229,13 +233,14 @@ class DALIViews(PCRLv2Views):
             origin.to(spatial.device, torch.float32),
             extent.to(spatial.device, torch.float32),
             batch["volume_shape"].repeat_interleave(v, 0)[rows].to(spatial.device, torch.float32),
-            pads[rows].to(spatial.device),
+            pads[rows].to(spatial.device, non_blocking=True),
         )
         first = 0 if name == "global" else 2
         sigma = batch["sigma"].cpu().numpy()[:, first : first + v].reshape(-1, 3)[rows.numpy()]
-        spatial.view(b * v, *size).index_add_(0, rows.to(spatial.device), fill)
+        on_device = rows.to(spatial.device, non_blocking=True)
+        spatial.view(b * v, *size).index_add_(0, on_device, fill)
         # blur is linear: blur(x + fill) = blur(x) + blur(fill)
-        blurred.view(b * v, *size).index_add_(0, rows.to(spatial.device), _blur(fill, sigma))
+        blurred.view(b * v, *size).index_add_(0, on_device, _blur(fill, sigma))
 
     def _to_torch(self, out: Any) -> Tensor:
         tensor = out.as_tensor()

@@ -883,11 +883,14 @@ def build_loader(
 
     if isinstance(transform, PCRLv2Views):
         # Workers decode, draw each sample's geometry and cut its regions; whole batches are rendered at once:
-        # by the torch renderer in the worker on a CPU, or here (a GPU, or DALI) from pinned, stacked regions.
+        # by the torch renderer in the worker on a CPU, or here (a GPU, or DALI) from pinned regions.
         device = torch.device(device if device is not None else "cpu")
         stream.transform = transform.draw
         render_here = device.type != "cpu" or type(transform) is not PCRLv2Views
-        collate = functools.partial(collate_draws, stack_regions=True) if render_here else transform.collate
+        # A GPU gets packed float16 regions (a sixth of the bytes of padded float32 crops); DALI on a CPU a list.
+        collate = (
+            functools.partial(collate_draws, pack=device.type != "cpu") if render_here else transform.collate
+        )
     loader = torch.utils.data.DataLoader(
         stream,
         batch_size=cfg.train.micro_batch_size,

@@ -24,6 +24,8 @@ from pcrl.views import (
     _swap_permutation,
     box_iou,
     collate_draws,
+    pack_regions,
+    region_list,
     render_views,
     sample_global_pair,
     sample_local_boxes,
@@ -560,21 +562,42 @@ def test_views_reject_swap_patch_without_room():
 
 
 def test_render_batch_equals_per_sample_views(volume):
-    """Pins must-have 4: a whole batch rendered at once (list regions on the CPU, or stacked regions as on a
-    GPU) gives each sample the views it gets alone, so resume and per-sample seeding are unaffected."""
+    """Pins must-have 4: a whole batch rendered at once (list regions on the CPU, or the packed float16
+    regions a loader hands a GPU, padded and stacked on the device) gives each sample the views it gets alone,
+    so resume and per-sample seeding are unaffected. The packed batch is drawn from volumes float16 holds
+    exactly, so packing loses nothing and any difference is the stacked path's."""
     cfg = tiny_cfg()
     views = PCRLv2Views(cfg)
     other = smooth_volume((64, 72, 40), seed=3)
-    draws = [views.draw(v, s, 0.6) for s, v in enumerate([volume, other, volume])]
-    for stacked in (False, True):
-        batch = views.render(collate_draws(draws, stack_regions=stacked))
+    for pack in (False, True):
+        vols = [volume, other, volume]
+        if pack:
+            vols = [v.to(torch.float16).to(torch.float32) for v in vols]
+        draws = [views.draw(v, s, 0.6) for s, v in enumerate(vols)]
+        collated = collate_draws(draws, pack=pack)
+        assert isinstance(collated["region"], list) != pack
+        batch = views.render(collated)
         assert batch["global_views"].shape == (3, 2, 1, 32, 32, 16)
         assert batch["local_views"].shape == (3, 6, 1, 8, 8, 8)
-        for i, (s, v) in enumerate(enumerate([volume, other, volume])):
+        for i, (s, v) in enumerate(enumerate(vols)):
             alone = views(v, seed=s, tissue_threshold=0.6)
             for k in ("global_views", "global_targets", "local_views"):
                 torch.testing.assert_close(batch[k][i], alone[k], atol=1e-5, rtol=0)
             assert torch.equal(batch["boxes"]["global"][i], alone["boxes"]["global"])
+
+
+def test_packed_regions_hold_each_crop_exactly_once(volume):
+    """Pins what a loader hands a GPU: every sample's one region (all its views read it), back to back in
+    float16 with no padding, and the crops come back as they were, rounded to float16."""
+    views = PCRLv2Views(tiny_cfg())
+    other = smooth_volume((64, 72, 40), seed=3)
+    draws = [views.draw(v, s, 0.6) for s, v in enumerate([volume, other])]
+    flat, shapes = pack_regions([d["region"] for d in draws])
+    assert flat.dtype == torch.float16 and shapes.tolist() == [list(d["region"].shape) for d in draws]
+    assert flat.numel() == sum(d["region"].numel() for d in draws)
+    for crop, d in zip(region_list(flat, shapes), draws, strict=True):
+        torch.testing.assert_close(crop.float(), d["region"], atol=2.5e-4, rtol=0)
+        assert torch.equal(crop, d["region"].to(torch.float16))
 
 
 def test_draw_is_the_cut_of_its_plan(volume):
