@@ -197,8 +197,9 @@ def main() -> None:
         "dali_cpu": lambda: rate(run_dali, args.samples),
     }
     if torch.cuda.is_available():
-        # warm up on every pre-cut batch twice: a run of 1,024 samples at batch 32 after one warm-up batch
-        # measured 680 samples/s on an H100 where 4,096 samples gave 2,200-2,320 (first-use costs per batch)
+        # warm up on every pre-cut batch twice and time thousands of samples: on a freshly started H100 a run
+        # of 1,024 samples at batch 32 after one warm-up batch measured 680 samples/s, later runs of 4,096
+        # 2,200-2,320 (cause not isolated: the machine's first CUDA process, clocks, allocator growth)
         warm = 2 * len(gpu_batches)
         variants["torch_gpu"] = lambda: rate(run_torch_gpu, args.gpu_samples, sync=True, warmup=warm)
         variants["dali_gpu"] = lambda: rate(
