@@ -184,9 +184,8 @@ class DALIViews(PCRLv2Views):
         n_views = {"global": 2, "local": cfg.num_locals}
         first = {"global": 0, "local": 2}
         regions = batch["region"]
-        if (
-            "region_shape" in batch
-        ):  # packed float16 (a loader for a GPU): views of the pinned buffer, no copy
+        if "region_shape" in batch:
+            # packed float16 (a loader for a GPU): views of the pinned buffer, no copy
             regions = region_list(regions, batch["region_shape"])
         else:
             regions = [r.to(torch.float32) for r in regions]
@@ -230,9 +229,11 @@ class DALIViews(PCRLv2Views):
         grid = _grid(affines, size, origin, extent, spatial.device)
         fill = _outside_fill(
             grid,
-            origin.to(spatial.device, torch.float32),
-            extent.to(spatial.device, torch.float32),
-            batch["volume_shape"].repeat_interleave(v, 0)[rows].to(spatial.device, torch.float32),
+            origin.to(spatial.device, torch.float32, non_blocking=True),
+            extent.to(spatial.device, torch.float32, non_blocking=True),
+            batch["volume_shape"]
+            .repeat_interleave(v, 0)[rows]
+            .to(spatial.device, torch.float32, non_blocking=True),
             pads[rows].to(spatial.device, non_blocking=True),
         )
         first = 0 if name == "global" else 2
