@@ -106,9 +106,8 @@ def rate(fn: Callable[[int], int], n: int, sync: bool = False, warmup: int = 1) 
     On a shared machine the wall time counts the time spent waiting for a core; the CPU time does not, so
     the per-core ratios come from it.
     """
-    for i in range(
-        warmup
-    ):  # DALI builds its pipeline, CUDA initialises and loads kernels, the allocator grows
+    # DALI builds its pipeline, CUDA initialises and loads kernels, the allocator grows
+    for i in range(warmup):
         fn(i)
     if sync:
         torch.cuda.synchronize()
@@ -162,10 +161,10 @@ def main() -> None:
         torchio(volume_of[i % n_plans][0], plans[i % n_plans])
         return 1
 
-    def batch_of(i: int, stack: bool) -> dict:
+    def batch_of(i: int, pack: bool) -> dict:
         at = [j % n_plans for j in range(i * b, i * b + b)]
         draws = [views.cut(volume_of[j][0], plans[j]) for j in at]
-        return collate_draws(draws, pack=stack)
+        return collate_draws(draws, pack=pack)
 
     def run_torch(i: int) -> int:
         views.render(batch_of(i, False), "cpu")

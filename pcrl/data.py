@@ -887,8 +887,7 @@ def build_loader(
         device = torch.device(device if device is not None else "cpu")
         stream.transform = transform.draw
         render_here = device.type != "cpu" or type(transform) is not PCRLv2Views
-        # A GPU gets packed float16 regions (3 MB a sample on the sample volumes where two padded float32
-        # crops were 17 MB: see pack_regions); DALI on a CPU gets a list.
+        # A GPU gets the packed float16 regions of pack_regions; DALI on a CPU gets the list of crops.
         collate = (
             functools.partial(collate_draws, pack=device.type != "cpu") if render_here else transform.collate
         )

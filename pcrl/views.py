@@ -780,8 +780,8 @@ def pack_regions(regions: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     """B crops (RX, RY, RZ) → their voxels back to back as float16 (N,) and their shapes (B, 3) int64.
 
     What a loader worker hands over for a GPU: the exact voxels (no padding to the batch's largest crop) at
-    half the bytes of float32, so the pinned copy and the host→device transfer move ~4x less than padded
-    float32 crops. float16 keeps 11 significant bits: a [0, 1] CT window of 2000 HU is rounded by at most
+    half the bytes of float32, for the pinned copy and the host→device transfer (measured in the README's
+    "View backends"). float16 keeps 11 significant bits: a [0, 1] CT window of 2000 HU is rounded by at most
     0.5 HU, below the 1 HU the shards store.
     """
     shapes = torch.tensor([list(r.shape) for r in regions], dtype=torch.int64)
@@ -906,8 +906,9 @@ class PCRLv2Views:
         Returns:
             A dict of tensors (``collate_draws`` stacks it): ``region`` (RX, RY, RZ), the crop of the volume
             that every view of the sample reads (a view of ``volume``), with its ``origin`` (3,),
-            ``volume_shape`` (3,), ``global_affines`` / ``local_affines`` (V, 3, 4) float64 output → volume maps, ``*_pad`` (V,) values outside the volume, ``outside`` () bool (any view
-            reaches outside the volume), ``sigma`` (2+L, 3), ``noise_std`` (2+L,), ``gamma`` (2+L,),
+            ``volume_shape`` (3,), ``global_affines`` / ``local_affines`` (V, 3, 4) float64 output → volume
+            maps, ``*_pad`` (V,) values outside the volume, ``outside`` () bool (any view reaches outside the
+            volume), ``sigma`` (2+L, 3), ``noise_std`` (2+L,), ``gamma`` (2+L,),
             ``noise_seed`` () int64, ``swaps`` (2, swap_count, 2, 3) int64 patch corners and ``boxes``.
             Views are ordered globals first, then locals.
 

@@ -596,7 +596,6 @@ def test_packed_regions_hold_each_crop_exactly_once(volume):
     assert flat.dtype == torch.float16 and shapes.tolist() == [list(d["region"].shape) for d in draws]
     assert flat.numel() == sum(d["region"].numel() for d in draws)
     for crop, d in zip(region_list(flat, shapes), draws, strict=True):
-        torch.testing.assert_close(crop.float(), d["region"], atol=2.5e-4, rtol=0)
         assert torch.equal(crop, d["region"].to(torch.float16))
 
 
