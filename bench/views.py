@@ -187,7 +187,8 @@ def main() -> None:
 
         if device_id not in dali:
             dali[device_id] = DALIViews(cfg, device_id=device_id, max_batch_size=b, num_threads=1)
-        dali[device_id].render(batch_of(i, True) if device_id is None else gpu_batches[i % len(gpu_batches)])
+        # as the loader feeds it: the list of float32 crops on a CPU, the packed pinned batch on a GPU
+        dali[device_id].render(batch_of(i, False) if device_id is None else gpu_batches[i % len(gpu_batches)])
         return b
 
     variants = {
