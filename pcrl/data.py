@@ -23,6 +23,7 @@ import atexit
 import functools
 import glob
 import hashlib
+import importlib
 import io
 import json
 import logging
@@ -891,6 +892,9 @@ def build_loader(
         collate = (
             functools.partial(collate_draws, pack=device.type != "cpu") if render_here else transform.collate
         )
+        if not render_here:
+            # compiles the CPU renderer's kernels once here, before the workers fork, not in every worker
+            importlib.import_module("pcrl.cpu_kernels")
     loader = torch.utils.data.DataLoader(
         stream,
         batch_size=cfg.train.micro_batch_size,

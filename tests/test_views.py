@@ -12,14 +12,18 @@ import torch
 import torch.nn.functional as F
 
 from pcrl.config import ViewsConfig
+from pcrl.cpu_kernels import resample_affine
 from pcrl.views import (
     Box,
     PCRLv2Views,
     SpatialParams,
     TissueIntegral,
     _blur,
+    _blur_by_matrices,
     _draw_boxes,
     _grid,
+    _pad_stack,
+    _resample,
     _swap_in_place,
     _swap_permutation,
     box_iou,
@@ -397,23 +401,77 @@ def test_render_out_of_volume_takes_box_minimum():
     assert inner.min() >= vol.min()
 
 
+def test_cpu_resampler_equals_grid_sample():
+    """Pins the CPU renderer's resampler (:mod:`pcrl.cpu_kernels`, a list of regions) against ``grid_sample``
+    (the GPU path, a stacked batch) on the same draws: strong rotations, flips on every axis, zoom in and
+    out, views reaching outside the volume (the pad fill), regions that are strided slices of their volume,
+    and float16 crops. Both are trilinear with the same convention, so they agree to float rounding."""
+    cfg = tiny_cfg(flip_axes=[0, 1, 2], rotation_deg=30.0, scale_range=(0.6, 1.4))
+    views = PCRLv2Views(cfg)
+    vols = [smooth_volume(seed=s) for s in range(3)] + [smooth_volume((52, 50, 36), seed=4)]
+    draws = [views.draw(vols[i % len(vols)], i, 0.6) for i in range(8)]
+    batch = collate_draws(draws)
+    assert bool(batch["outside"].any()) and not all(r.is_contiguous() for r in batch["region"])
+    for regions in (batch["region"], [r.to(torch.float16) for r in batch["region"]]):
+        for name, size in (("global", cfg.global_size), ("local", cfg.local_size)):
+            args = (
+                batch["origin"],
+                batch["volume_shape"],
+                batch[f"{name}_affines"],
+                batch[f"{name}_pad"],
+                size,
+            )
+            cpu = _resample(regions, *args)
+            ref = _resample(_pad_stack([r.to(torch.float32) for r in regions]), *args)
+            assert cpu.shape == ref.shape == (8, *batch[f"{name}_affines"].shape[1:2], *size)
+            torch.testing.assert_close(cpu, ref, atol=2e-5, rtol=0)
+
+
+def test_resample_affine_hand_computed():
+    """Pins :func:`resample_affine` on its own: the identity map returns the region, a half-voxel shift
+    averages neighbours, corners outside the region read the view's pad value, and arrays of the wrong
+    shape are refused rather than read or written past (the kernel checks no bounds)."""
+    region = torch.arange(4 * 5 * 6, dtype=torch.float32).reshape(4, 5, 6).numpy()
+    lin = np.eye(3)[None].repeat(3, 0)
+    off = np.array([[-0.5, -0.5, -0.5], [-0.5, -0.5, 0.0], [-1.5, -0.5, -0.5]])  # identity, +½ z, -1 x
+    out = resample_affine(region, lin, off, np.array([0.0, 0.0, -7.0], np.float32), (4, 5, 6))
+    np.testing.assert_allclose(out[0], region, atol=1e-5)
+    np.testing.assert_allclose(out[1, :, :, :5], (region[..., :5] + region[..., 1:]) / 2, atol=1e-5)
+    # the last z row: half its corners lie outside, where the pad is 0
+    np.testing.assert_allclose(out[1, :, :, 5], region[..., 5] / 2, atol=1e-5)
+    np.testing.assert_allclose(out[2, 1:], region[:3], atol=1e-5)
+    np.testing.assert_allclose(out[2, 0], np.full((5, 6), -7.0), atol=1e-5)  # x = -1: outside, the pad
+    pad = np.zeros(3, np.float32)
+    with pytest.raises(ValueError, match="shape"):
+        resample_affine(region, lin, off, pad, (4, 5, 6), out=np.empty((3, 4, 5, 5), np.float32))
+    with pytest.raises(ValueError, match="pad"):
+        resample_affine(region, lin, off, pad[:2], (4, 5, 6))
+
+
 # --- intensity -------------------------------------------------------------------------------------
 
 
-def test_blur_sigma_zero_is_identity_and_sigma_lowers_noise_variance():
+# the CPU kernel (what _blur runs on a CPU) and the banded matrices (what it runs on a GPU)
+BLURS = pytest.mark.parametrize("blur", [_blur, _blur_by_matrices], ids=["cpu_kernel", "matrices"])
+
+
+@BLURS
+def test_blur_sigma_zero_is_identity_and_sigma_lowers_noise_variance(blur):
     """Pins the blur: sigma 0 returns the input exactly; a larger sigma removes more noise variance."""
     x = torch.randn(3, 16, 12, 10, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(_blur(x, np.zeros((3, 3))), x)
+    assert torch.equal(blur(x, np.zeros((3, 3))), x)
     sigmas = np.array([[0.5] * 3, [1.0] * 3, [2.0] * 3])
-    var = _blur(x, sigmas).var(dim=(1, 2, 3))
+    var = blur(x, sigmas).var(dim=(1, 2, 3))
     assert x.var() > var[0] > var[1] > var[2]
 
 
-def test_blur_matches_naive_reflect_convolution():
-    """Pins kernel truncation (3σ), normalisation and boundary handling against a plain numpy convolution."""
+@BLURS
+def test_blur_matches_naive_reflect_convolution(blur):
+    """Pins kernel truncation (3σ), normalisation and boundary handling against a plain numpy convolution;
+    σ = 2 on a 6-voxel axis reaches past the far border, so the mirror is applied twice."""
     x = torch.rand(2, 9, 7, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64).float()
     sigma = np.array([[1.3, 0.0, 2.0], [0.4, 1.0, 0.7]])
-    out = _blur(x, sigma)
+    out = blur(x, sigma)
     ref = x.double().numpy().copy()
     for n in range(2):
         for ax in range(3):
