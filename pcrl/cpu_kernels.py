@@ -32,7 +32,10 @@ __all__ = ["gaussian_blur", "resample_affine"]
 # disk cache). A region is read in place whatever its strides (a slice of a volume is not contiguous, a
 # pickled crop is), so its layout is "any"; every other array is contiguous.
 _RESAMPLE = "void(float32[:, :, :], float64[:, :, ::1], float64[:, ::1], float32[::1], float32[:, :, :, ::1])"
-_BLUR = "void(float32[:, :, :, ::1], float64[:, :, ::1], float32[:, :, :, ::1], float32[:, :, ::1], float32[:, :, ::1])"
+_BLUR = (
+    "void(float32[:, :, :, ::1], float64[:, :, ::1], float32[:, :, :, ::1], "
+    "float32[:, :, ::1], float32[:, :, ::1])"
+)
 
 
 def _jit(signature: str | None = None, **options):
@@ -103,7 +106,7 @@ def _resample_kernel(region, lin, off, pad, out):
 
 @_jit(inline="always")
 def _mirror(n, half):
-    """(n + 2·half,) source index of each position of a length-n axis padded by ``half`` on both sides the way
+    """(n + 2·half,) source index of each position of a length-n axis padded by ``half`` on both sides as
     scipy's ``reflect`` mode pads (d c b a | a b c d | d c b a), mirrored as often as ``half`` needs."""
     idx = np.empty(n + 2 * half, dtype=np.int64)
     for k in range(n + 2 * half):
@@ -198,9 +201,8 @@ def resample_affine(
     shape = (len(lin), *(int(n) for n in out_size))
     # the kernel does not check bounds: wrong shapes would read and write past the arrays
     if region.ndim != 3 or np.shape(lin)[1:] != (3, 3) or np.shape(off) != (len(lin), 3):
-        raise ValueError(
-            f"need a 3D region, lin (V, 3, 3) and off (V, 3); got {region.shape}, {np.shape(lin)}, {np.shape(off)}"
-        )
+        shapes = f"{region.shape}, {np.shape(lin)}, {np.shape(off)}"
+        raise ValueError(f"need a 3D region, lin (V, 3, 3) and off (V, 3); got {shapes}")
     if np.shape(pad) != (len(lin),):
         raise ValueError(f"pad must be (V={len(lin)},), got {np.shape(pad)}")
     if out is None:

@@ -450,9 +450,10 @@ def view_affines(boxes: Sequence[Box], out_size: Sequence[int], params: SpatialP
 # (per sample, on the CPU, in loader workers) draws every random number of a sample from its seed and cuts
 # the volume regions its views read; :func:`collate_draws` stacks a batch of draws; :meth:`PCRLv2Views.render`
 # renders a whole batch with one resampling call per view size (per sample on the CPU) and batched intensity
-# steps, on the CPU or the GPU. ``PCRLv2Views(cfg)(volume, seed)`` does all three for one sample. A draw is itself :meth:`PCRLv2Views.plan`
-# (every random choice, the geometry sampler included) then :meth:`PCRLv2Views.cut` (affines and regions), so
-# that ``bench/views.py`` can time rendering apart from sampling.
+# steps, on the CPU or the GPU. ``PCRLv2Views(cfg)(volume, seed)`` does all three for one sample. A draw is
+# itself :meth:`PCRLv2Views.plan` (every random choice, the geometry sampler included) then
+# :meth:`PCRLv2Views.cut` (affines and regions), so that ``bench/views.py`` can time rendering apart from
+# sampling.
 
 
 def _sample_extent(affines: Tensor, out_size: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -1051,8 +1052,9 @@ class PCRLv2Views:
         """Render a batch of draws (:func:`collate_draws`) on ``device`` (default: where the regions are).
 
         One resampling call for all global views of the batch and one for all local views (on a CPU one each
-        per sample, :func:`_resample_cpu`), then the intensity steps batched over every view. No host synchronisation on a GPU (the NaN check runs on the CPU only;
-        on a GPU a NaN reaches the loss, whose check stops the run).
+        per sample, :func:`_resample_cpu`), then the intensity steps batched over every view. No host
+        synchronisation on a GPU (the NaN check runs on the CPU only; on a GPU a NaN reaches the loss, whose
+        check stops the run).
 
         Returns:
             ``global_views`` / ``global_targets`` (B, 2, 1, gx, gy, gz), ``local_views`` (B, L, 1, lx, ly, lz)
