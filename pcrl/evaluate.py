@@ -13,6 +13,9 @@ Ray Tune sweep optimises ``eval.metric``.
   batch statistics over fixed batches of ``eval.batch_size`` views, on a private copy of the weights: the
   restoration loss sees the network that way, while the running statistics are last updated by the
   local-crop forward. The training model's mode and statistics are never touched.
+* **Representation health** (:class:`HealthEval`): per decoder scale, the collapse indicators of
+  :mod:`pcrl.health` (``health/scale<l>/std``, ``rank``, ``paired_cos``, ``unpaired_cos``, ``gap``) on the
+  same held-out views, with a console warning when a scale collapses.
 * **Several processes**: rank 0 alone evaluates (the views live there only) and
   :meth:`Evaluation.run` broadcasts the result, so every rank returns the same dict and a reporter that must
   be called on every worker (Ray Train) sees the same numbers. Every rank calls ``run`` at the same steps,
@@ -41,13 +44,24 @@ import torch
 from torch import Tensor, nn
 
 from pcrl import distributed
-from pcrl.config import ConfigError
+from pcrl.config import ConfigError, config_hash
+from pcrl.health import collapsed, scale_health
 from pcrl.probe import LinearProbe
 
 if TYPE_CHECKING:
     from pcrl.config import PretrainConfig
 
-__all__ = ["EVALUATORS", "Evaluation", "Evaluator", "RestorationEval", "metric_mode", "psnr"]
+__all__ = [
+    "EVALUATORS",
+    "Evaluation",
+    "Evaluator",
+    "HealthEval",
+    "RestorationEval",
+    "eval_views",
+    "metric_mode",
+    "private_model",
+    "psnr",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +94,8 @@ def psnr(output: Tensor, target: Tensor) -> Tensor:
     return -10.0 * torch.log10(mse)
 
 
-def _private_model(cfg: PretrainConfig, device: torch.device | str) -> nn.Module:
+def private_model(cfg: PretrainConfig, device: torch.device | str) -> nn.Module:
+    """A training-mode copy of the run's architecture for an evaluator (weights loaded at every call)."""
     from pcrl.model import PCRLv2UNet
 
     # norm=sync_batch builds plain BatchNorm3d (the engine converts its own copy), so the copy never syncs;
@@ -117,11 +132,11 @@ class RestorationEval:
     @classmethod
     def from_config(cls, cfg: PretrainConfig, device: torch.device | str = "cpu") -> RestorationEval | None:
         """Render the fixed held-out views (:func:`eval_views`) and build the private model on ``device``."""
-        views, targets, names = eval_views(cfg)
+        views, targets, names = _shared_eval_views(cfg)
         logger.info(
             "evaluation every %d steps on %d views of %s", cfg.eval.every, views.shape[0], ", ".join(names)
         )
-        return cls(views.to(device), targets.to(device), _private_model(cfg, device), cfg.eval.batch_size)
+        return cls(views.to(device), targets.to(device), private_model(cfg, device), cfg.eval.batch_size)
 
     @torch.no_grad()
     def __call__(self, model: nn.Module) -> dict[str, float]:
@@ -183,7 +198,89 @@ def eval_views(cfg: PretrainConfig) -> tuple[Tensor, Tensor, list[str]]:
     return torch.cat(inputs), torch.cat(targets), [r.key for r in records]  # type: ignore[arg-type]
 
 
-EVALUATORS: tuple[Any, ...] = (RestorationEval, LinearProbe)
+_views_cache: dict[str, tuple[Tensor, Tensor, list[str]]] = {}
+
+
+def _shared_eval_views(cfg: PretrainConfig) -> tuple[Tensor, Tensor, list[str]]:
+    """:func:`eval_views`, rendered once for all the evaluators of a run (one config at a time is kept)."""
+    key = config_hash(cfg)
+    if key not in _views_cache:
+        _views_cache.clear()
+        _views_cache[key] = eval_views(cfg)
+    return _views_cache[key]
+
+
+class HealthEval:
+    """The ``health/`` statistics of every decoder scale (:mod:`pcrl.health`), warning on a collapse.
+
+    Args:
+        views: (N, 2, 1, X, Y, Z) degraded, z-normalised global views of N pairs.
+        model: private copy of the training architecture (weights replaced at every call).
+        batch_size: pairs per forward, >= 2 (BatchNorm in training mode).
+    """
+
+    # Monitors, not scores to optimise: none of them is an eval.metric.
+    METRICS: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, views: Tensor, model: nn.Module, batch_size: int) -> None:
+        if views.ndim != 6 or views.shape[1] != 2 or views.shape[0] < 2:
+            raise ValueError(f"views must be (N, 2, 1, X, Y, Z) with N >= 2 pairs, got {tuple(views.shape)}")
+        self.views, self.model = views, model
+        n = views.shape[0]
+        starts = list(range(0, n, batch_size))
+        if len(starts) > 1 and n - starts[-1] < 2:  # a last batch of one pair would break batch statistics
+            starts.pop()
+        self.batches = list(zip(starts, [*starts[1:], n], strict=True))
+        self._collapsed: set[int] = set()
+
+    @classmethod
+    def from_config(cls, cfg: PretrainConfig, device: torch.device | str = "cpu") -> HealthEval | None:
+        """The fixed held-out views of :func:`eval_views` (shared with :class:`RestorationEval`) as pairs."""
+        views, _, _ = _shared_eval_views(cfg)
+        pairs = views.reshape(-1, 2, *views.shape[1:])  # rows 2k, 2k+1 are the two views of pair k
+        if pairs.shape[0] < 2:
+            logger.warning("health monitors off: they need at least 2 held-out view pairs (eval.volumes)")
+            return None
+        return cls(pairs.to(device), private_model(cfg, device), cfg.eval.batch_size)
+
+    @torch.no_grad()
+    def features(self, model: nn.Module) -> list[tuple[Tensor, Tensor]]:
+        """Per scale, the (N, C) target features of view 1 and of view 2 under ``model``'s weights."""
+        self.model.load_state_dict(model.state_dict())
+        dtype = next(self.model.parameters()).dtype
+        per_view: list[list[list[Tensor]]] = [[], []]
+        for s, e in self.batches:
+            for v in (0, 1):
+                out = self.model(self.views[s:e, v].to(dtype), local=True)
+                per_view[v].append([f.target.float() for f in out.scale_features])
+        return [
+            (torch.cat([b[s] for b in per_view[0]]), torch.cat([b[s] for b in per_view[1]]))
+            for s in range(len(per_view[0][0]))
+        ]
+
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for scale, (z1, z2) in enumerate(self.features(model)):
+            stats = scale_health(z1, z2)
+            metrics.update({f"health/scale{scale}/{k}": v for k, v in stats.items()})
+            why = collapsed(stats, z1.shape[1], z1.shape[0])
+            if why is not None and scale not in self._collapsed:
+                self._collapsed.add(scale)
+                logger.warning(
+                    "representation collapse at decoder scale %d (%d channels): %s. The siamese terms are "
+                    "mapping different inputs to the same features; lower optim.lr, raise "
+                    "train.micro_batch_size (BatchNorm statistics), or lower objective.weights.global/local",
+                    scale,
+                    z1.shape[1],
+                    why,
+                )
+            elif why is None and scale in self._collapsed:
+                self._collapsed.discard(scale)
+                logger.warning("decoder scale %d recovered from its collapse: %s", scale, stats)
+        return metrics
+
+
+EVALUATORS: tuple[Any, ...] = (RestorationEval, HealthEval, LinearProbe)
 """The evaluator classes every run uses (see the module docstring for adding one). ``LinearProbe`` (the
 online linear probe, ``probe/accuracy`` and ``probe/auc``) is built only when ``probe.cases`` is set."""
 

@@ -112,6 +112,9 @@ def test_training_logs_validation_and_reports_it(sample_shards: Path, tmp_path: 
     records = _records(tmp_path / "eval")
     assert [r["step"] for r in records] == [2, 3, 4, 5]
     assert [r["step"] for r in records if "val/psnr" in r] == [3, 5]
+    # The health monitors of every decoder scale come with each evaluation (tiny: depth 4, 3 scales).
+    for scale in range(3):
+        assert [r["step"] for r in records if f"health/scale{scale}/gap" in r] == [3, 5]
     assert [s for s, _ in reported] == [2, 3, 4, 5]
     for (step, metrics), record in zip(reported, records, strict=True):
         assert metrics.get("val/psnr") == record.get("val/psnr"), step
@@ -120,6 +123,7 @@ def test_training_logs_validation_and_reports_it(sample_shards: Path, tmp_path: 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'eval' / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("pcrl").experiment_id])
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/psnr")] == [3, 5]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "health/scale2/std")] == [3, 5]
 
     # The same process group serves the second run (conftest destroys it after the test).
     cfg = _cfg(sample_shards, *common, "run.name=plain", "eval.every=0")
@@ -130,7 +134,7 @@ def test_training_logs_validation_and_reports_it(sample_shards: Path, tmp_path: 
     for r in records:
         if r["step"] in (2, 5):
             assert r["loss/total"] == plain[r["step"]]["loss/total"], r["step"]
-    assert not any("val/psnr" in r for r in plain.values())
+    assert not any("val/psnr" in r or "health/scale0/std" in r for r in plain.values())
 
 
 def test_two_processes_evaluate_without_deadlock(sample_shards: Path, tmp_path: Path) -> None:
