@@ -262,6 +262,10 @@ class ModelConfig:
     """Normalisation in the U-Net: ``batch``, ``sync_batch`` (across ranks), ``group`` or ``instance``."""
     activation_checkpointing: bool = False
     """Recompute decoder stages in backward to save activation memory."""
+    bn_stats: str = "global"
+    """Which forwards update the BatchNorm running statistics (what eval mode and the exported encoder use;
+    no training step reads them): ``global`` (the global views only, so they describe global-size crops) or
+    ``all`` (every forward, the local views' last: the reference's behaviour)."""
 
     def __post_init__(self) -> None:
         _check(self.base_channels >= 1, "model.base_channels", f"must be >= 1, got {self.base_channels}")
@@ -270,6 +274,11 @@ class ModelConfig:
             self.norm in ("batch", "sync_batch", "group", "instance"),
             "model.norm",
             f"must be batch, sync_batch, group or instance, got {self.norm!r}",
+        )
+        _check(
+            self.bn_stats in ("global", "all"),
+            "model.bn_stats",
+            f"must be global or all, got {self.bn_stats!r}",
         )
         if self.norm == "group":
             _check(

@@ -253,7 +253,7 @@ def flops_per_sample(cfg: PretrainConfig) -> float:
         model = PCRLv2UNet(
             in_channels=1, base_channels=cfg.model.base_channels, depth=cfg.model.depth, norm=cfg.model.norm
         )
-        task = PCRLv2Task(model, PCRLv2Objective.from_config(cfg.objective))
+        task = PCRLv2Task(model, PCRLv2Objective.from_config(cfg.objective), cfg.model.bn_stats)
         global_views = torch.empty(b, 2, 1, *cfg.views.global_size)
         local_views = torch.empty(b, cfg.views.num_locals, 1, *cfg.views.local_size)
     with FlopCounterMode(display=False) as counter:
@@ -381,7 +381,7 @@ def _train(cfg: PretrainConfig, reporter: Reporter | None, stop: _StopSignals) -
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.model.activation_checkpointing:
         model.enable_activation_checkpointing()
-    task = PCRLv2Task(model, PCRLv2Objective.from_config(cfg.objective))
+    task = PCRLv2Task(model, PCRLv2Objective.from_config(cfg.objective), cfg.model.bn_stats)
     optimizer = build_optimizer(task.parameters(), cfg.optim)
 
     # -- deepspeed.initialize --------------------------------------------------------------------

@@ -30,6 +30,7 @@ __all__ = [
     "ScaleFeatures",
     "ScaleHeads",
     "encoder_stages",
+    "frozen_buffers",
 ]
 
 Norm = Literal["batch", "sync_batch", "group", "instance"]
@@ -190,16 +191,23 @@ def _check_volume(x: Tensor, in_channels: int, depth: int) -> None:
 
 
 @contextlib.contextmanager
-def _frozen_buffers(module: nn.Module) -> Iterator[None]:
-    # Checkpoint recomputation runs the stage's forward a second time in training mode, which would apply the
-    # BatchNorm running-statistics update twice per step. Snapshot the buffers and put them back afterwards.
-    saved = [b.detach().clone() for b in module.buffers()]
+def frozen_buffers(module: nn.Module) -> Iterator[None]:
+    """Run the block with ``module``'s buffers (BatchNorm running statistics) left as they were before it.
+
+    Used where a training-mode forward must not count in the running statistics: a decoder stage recomputed by
+    activation checkpointing (else its update would apply twice per step), and the local views' forward (the
+    statistics then describe global-size inputs, what the exported encoder is given). The block updates
+    copies, swapped in for it and dropped after: copying the old values back instead would modify tensors that
+    autograd saved for backward.
+    """
+    owners = [(m, name, b) for m in module.modules() for name, b in m.named_buffers(recurse=False)]
+    for m, name, b in owners:
+        setattr(m, name, b.clone())
     try:
         yield
     finally:
-        with torch.no_grad():
-            for b, s in zip(module.buffers(), saved, strict=True):
-                b.copy_(s)
+        for m, name, b in owners:
+            setattr(m, name, b)
 
 
 class PCRLv2UNet(nn.Module):
@@ -301,7 +309,7 @@ class PCRLv2UNet(nn.Module):
                 stage,
                 x,
                 use_reentrant=False,
-                context_fn=lambda: (contextlib.nullcontext(), _frozen_buffers(stage)),
+                context_fn=lambda: (contextlib.nullcontext(), frozen_buffers(stage)),
                 preserve_rng_state=False,  # a stage has no random ops
             )
         return stage(x)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pcrl.model import PCRLv2Output, PCRLv2UNet, ScaleFeatures
+from pcrl.model import PCRLv2Output, PCRLv2UNet, ScaleFeatures, frozen_buffers
 
 if TYPE_CHECKING:
     from pcrl.config import ObjectiveConfig
@@ -264,15 +264,24 @@ class PCRLv2Task(nn.Module):
     all local views in one batch. A global view that is not restored runs with ``local=True`` (features only),
     which skips the work the reference spends on view 2's unused reconstruction (spec §10.3).
 
+    The BatchNorm running statistics are used only in eval mode, never by a training step, so which forwards
+    update them changes no loss and no weight, only what an eval-mode (exported) encoder normalises with.
+
     Args:
         model: the U-Net with heads.
         objective: the loss.
+        bn_stats: ``global`` (default): only the two global views' forwards update the running statistics, so
+            they describe global-size crops, the inputs a downstream user gives the encoder; ``all``: every
+            forward does, the last being the local views' (the reference's behaviour).
     """
 
-    def __init__(self, model: PCRLv2UNet, objective: PCRLv2Objective) -> None:
+    def __init__(self, model: PCRLv2UNet, objective: PCRLv2Objective, bn_stats: str = "global") -> None:
         super().__init__()
+        if bn_stats not in ("global", "all"):
+            raise ValueError(f"bn_stats must be 'global' or 'all', got {bn_stats!r}")
         self.model = model
         self.objective = objective
+        self.bn_stats = bn_stats
 
     def forward(
         self,
@@ -318,5 +327,9 @@ class PCRLv2Task(nn.Module):
         out2 = self.model(global_views[:, 1], local=2 not in restored)
         # (B, L, C, x, y, z) -> (L, B, C, x, y, z) -> (L·B, C, x, y, z): j-major, rows [j·B, (j+1)·B) = local j.
         locals_jmajor = local_views.transpose(0, 1).reshape(-1, *local_views.shape[2:])
-        out_local = self.model(locals_jmajor, local=True)
+        if self.bn_stats == "global" and self.training:
+            with frozen_buffers(self.model):
+                out_local = self.model(locals_jmajor, local=True)
+        else:
+            out_local = self.model(locals_jmajor, local=True)
         return self.objective(out1, out2, out_local, global_targets, beta, generator)

@@ -373,3 +373,30 @@ def test_task_invalid_shapes_raise() -> None:
         task(global_views, global_targets[:, :1], local_views, 1.0, _gen(0))
     with pytest.raises(ValueError, match="local_views"):
         task(global_views, global_targets, local_views[:1], 1.0, _gen(0))
+
+
+@pytest.mark.parametrize("bn_stats", ["global", "all"])
+def test_task_bn_stats_selects_the_forwards_that_update_running_statistics(bn_stats: str) -> None:
+    """``global``: the running statistics after a step are those of the two global views' forwards alone;
+    ``all``: the local views' forward updates them last (the reference). The losses are the same either way."""
+    torch.manual_seed(0)
+    task = PCRLv2Task(PCRLv2UNet(base_channels=2), PCRLv2Objective(), bn_stats=bn_stats)
+    replay = PCRLv2UNet(base_channels=2)
+    replay.load_state_dict(task.model.state_dict())
+    global_views, global_targets, local_views = _batch()
+    terms = task(global_views, global_targets, local_views, 1.0, torch.Generator().manual_seed(0))
+    terms["loss"].backward()  # the saved BatchNorm buffers must be left as autograd saw them
+    replay(global_views[:, 0])
+    replay(global_views[:, 1], local=True)
+    if bn_stats == "all":
+        replay(local_views.transpose(0, 1).reshape(-1, 1, *LOCAL), local=True)
+    for (name, got), want in zip(task.model.state_dict().items(), replay.state_dict().values(), strict=True):
+        assert torch.allclose(got.float(), want.float(), atol=1e-6), name
+    torch.manual_seed(0)
+    other = PCRLv2Task(
+        PCRLv2UNet(base_channels=2), PCRLv2Objective(), bn_stats="all" if bn_stats == "global" else "global"
+    )
+    again = other(global_views, global_targets, local_views, 1.0, torch.Generator().manual_seed(0))
+    assert all(torch.equal(terms[k], again[k]) for k in ("loss", "restore", "global", "local"))
+    with pytest.raises(ValueError, match="bn_stats"):
+        PCRLv2Task(PCRLv2UNet(base_channels=2), PCRLv2Objective(), bn_stats="locals")
