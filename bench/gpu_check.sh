@@ -8,6 +8,11 @@
 #   engine  the real engine (launch/pretrain.py, base.yaml, bf16 + channels-last, loader workers on the CPU)
 #           with the torch and the DALI renderer: samples/s and data-wait fraction; then fp16 through
 #           DeepSpeed's loss scaling (needs DeepSpeed; skipped without it; ENGINE_RUNS="torch dali fp16" picks)
+#   evidence  does pretraining help at the paper's width? bench/probe.py (PCRLv2 against random
+#           initialisations and the restoration-only ablation on the AAL task) on the GPU, with the CPU
+#           recipe's views at base width 32; needs the sample volumes in .cache/samples (the GPU machine has no
+#           network: fetch them here with python -m data_prep.fetch --set pretrain --source colin27 and carry
+#           .cache/samples, 43 MB). EVIDENCE_SEEDS (default "0 1") and EVIDENCE_STEPS (default 300) size it
 # Results go to $OUT (default /tmp/pcrl-gpu-check), one JSON or log per run, and a summary on stdout. The
 # whole check stays within BUDGET_S seconds (default 450): each run gets its own limit, cut to what is left.
 #   bash bench/gpu_check.sh                     # all three parts
@@ -22,7 +27,7 @@ SHARDS=${SHARDS:-.cache/demo/shards}
 PEAK=${PEAK_TFLOPS:-989}
 DEADLINE=$((SECONDS + ${BUDGET_S:-450}))
 PARTS=("$@")
-[ ${#PARTS[@]} -eq 0 ] && PARTS=(views train engine)
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(views train engine evidence)
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/gpu.txt"
 $PY - <<'PYEOF' | tee -a "$OUT/gpu.txt"
@@ -139,7 +144,17 @@ PYEOF
       esac
     done
     ;;
-  *) echo "unknown part $part: views, train or engine"; exit 2 ;;
+  evidence)
+    # seed-major and resumable: a run cut by the budget leaves whole seeds done; rerun to go on
+    limit=$(limit_for evidence 420 120) || continue
+    echo "== evidence (limit ${limit} s)"
+    timeout "$limit" $PY bench/probe.py --out "$OUT/probe" --seeds ${EVIDENCE_SEEDS:-0 1} --random-inits 5 \
+      --steps "${EVIDENCE_STEPS:-300}" --set model.base_channels=32 --set engine.precision=bf16 \
+      --set data.num_workers="${WORKERS:-8}" --set tracking.enabled=false > "$OUT/evidence.log" 2>&1 \
+      || echo "   evidence stopped (rc $?), see evidence.log; runs are in $OUT/probe/runs"
+    tail -12 "$OUT/evidence.log"
+    ;;
+  *) echo "unknown part $part: views, train, engine or evidence"; exit 2 ;;
   esac
 done
 echo "results in $OUT"

@@ -1,7 +1,8 @@
 """Does pretraining help? PCRLv2 against random initialisation and a restoration-only ablation, on the AAL task.
 
     python bench/probe.py [--config configs/pretrain/cpu.yaml] [--seeds 0 1 2] [--random-inits 5]
-                          [--steps N] [--out .cache/probe-bench] [--bn-stats-check] [--json]
+                          [--steps N] [--set KEY=VALUE ...] [--out .cache/probe-bench] [--bn-stats-check]
+                          [--prepare-only] [--json]
 
 What it runs (every stage is kept under ``--out`` and skipped when already done, so an interrupted bench
 resumes where it stopped, and a pretraining run resumes from its last checkpoint):
@@ -103,7 +104,11 @@ def _pretrain(
         "probe.task=aal",
         *overrides,
     ]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_WAIT_POLICY="PASSIVE")
+    import torch
+
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"
     run.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{run}.log", "a") as log:
         proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -211,6 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--bn-stats-check", action="store_true", help="also pretrain seed 0 with model.bn_stats=all"
     )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe override for every run (repeatable)",
+    )
+    p.add_argument("--prepare-only", action="store_true", help="make the shards and the AAL cases, then stop")
     p.add_argument("--finetune-steps", type=int, default=50, help="optimizer steps per fine-tuned model")
     p.add_argument("--json", action="store_true", help="print results.json to stdout")
     args = p.parse_args(argv)
@@ -224,7 +237,9 @@ def main(argv: list[str] | None = None) -> int:
 
     out = args.out.resolve()
     shards, cases = _data(out)
-    common = [f"train.max_steps={args.steps}"] if args.steps else []
+    if args.prepare_only:
+        return 0
+    common = [*([f"train.max_steps={args.steps}"] if args.steps else []), *args.set]
     cfg = load_config(
         args.config, [f"data.shards={shards}", f"probe.cases={cases}", "probe.task=aal", *common]
     )
@@ -268,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, Any] = {
         "config": str(args.config),
+        "overrides": common,
         "steps": cfg.train.max_steps,
         "seeds": args.seeds,
         "random_inits": args.random_inits,
