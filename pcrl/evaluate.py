@@ -11,8 +11,8 @@ Ray Tune sweep optimises ``eval.metric``.
   number compares across steps and across the trials of a sweep.
 * **BatchNorm**: as the reconstruction panel (``pcrl/figures.py``), the model runs in training mode, on
   batch statistics over fixed batches of ``eval.batch_size`` views, on a private copy of the weights: the
-  restoration loss sees the network that way, while the running statistics are last updated by the
-  local-crop forward. The training model's mode and statistics are never touched.
+  restoration loss sees the network that way (the running statistics lag behind early in a run). The
+  training model's mode and statistics are never touched.
 * **Representation health** (:class:`HealthEval`): per decoder scale, the collapse indicators of
   :mod:`pcrl.health` (``health/scale<l>/std``, ``rank``, ``paired_cos``, ``unpaired_cos``, ``gap``) on the
   same held-out views, with a console warning when a scale collapses.

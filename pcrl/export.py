@@ -168,8 +168,10 @@ def _metadata(cfg: PretrainConfig, step: int, trained_dtype: str, tensors_sha: s
             "config_hash": config_hash(cfg),
             "trained_dtype": trained_dtype,
             "batchnorm_running_stats": (
-                "updated by every forward of a step, the last one the local sub-crops (spec §4): fine-tune "
-                "in train mode, or re-estimate them on your data before using eval mode"
+                "tracked over the global views' forwards only (global-size crops of whole volumes)"
+                if cfg.model.bn_stats == "global"
+                else "updated by every forward of a step, the last one the local sub-crops: fine-tune in train "
+                "mode, or re-estimate them on your data before using eval mode"
             ),
         },
         "weights": {"file": ENCODER_WEIGHTS, "sha256": tensors_sha, "dtype": "float32"},

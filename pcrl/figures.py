@@ -13,11 +13,10 @@ output. Each is shown as the three middle planes of the view.
   in HU; MRI: its 0.5/99.5 percentiles) and are shown on [0, 1]. The degraded input is z-normalised per
   view (what the network sees) and shown on ±3 standard deviations.
 * **BatchNorm**: the model runs in training mode, with batch statistics over the panel's own fixed views,
-  which is how the restoration loss sees the network. The running statistics are last updated by the
-  local-crop forward of every step (spec §4), so eval mode would show a network the loss never trained
-  (and, early in a run, barely updated statistics). The forward runs on a private copy of the weights, so
-  the training model's mode, running statistics and SyncBatchNorm collectives are never touched, and no
-  other rank waits for it.
+  which is how the restoration loss sees the network (early in a run the running statistics have barely
+  moved, and with ``model.bn_stats=all`` the local crops update them last). The forward runs on a private
+  copy of the weights, so the training model's mode, running statistics and SyncBatchNorm collectives are
+  never touched, and no other rank waits for it.
 
 Example::
 
