@@ -4,8 +4,8 @@ Two questions, answered separately because the reference and pcrl split the work
 
 (i) **Rendering**, from the same pre-drawn geometry for every variant (boxes, and for pcrl every other
     random choice, drawn up front by pcrl's sampler and not timed). This is what the reference's per-sample
-    ``__getitem__`` does (spec §2.2: it only applies the torchio transforms to crop pairs cut OFFLINE by
-    ``crop_pair``), so it is the like-for-like comparison of renderers:
+    ``__getitem__`` does (docs/method.md §1.7: it only applies the torchio transforms to crop pairs cut
+    OFFLINE by ``crop_pair``), so it is the like-for-like comparison of renderers:
 
     (a) ``torchio``: the reference recipe, one sample at a time: crop each box and resize it (trilinear),
         then 8 torchio pipelines (T_s then T_g for each global view, T_s then T_l for each local) — the baseline;
@@ -64,7 +64,7 @@ def load_volumes(shards: str) -> list[tuple[torch.Tensor, float | None]]:
 
 
 def torchio_renderer(cfg: ViewsConfig) -> Callable[[torch.Tensor, ViewPlan], dict]:
-    """The reference's per-sample rendering (spec §2.2) of a plan's boxes with torchio."""
+    """The reference's per-sample rendering (docs/method.md §1.7) of a plan's boxes with torchio."""
     import SimpleITK as sitk
     import torchio as tio
 

@@ -125,7 +125,8 @@ class DataConfig:
 
 @dataclass
 class ViewsConfig:
-    """The PCRLv2 sub-crop views (spec §2) with the reference's values as defaults, in voxels of 1 mm."""
+    """The PCRLv2 sub-crop views (docs/method.md §1) with the reference's values as defaults, in voxels of
+    1 mm."""
 
     backend: str = "torch"
     """Renderer: ``torch`` (CPU or GPU), ``dali`` (DALI pipeline, GPU or CPU mode) or ``auto`` (the renderer

@@ -1,4 +1,5 @@
-"""The PCRLv2 backbone: a 3D U-Net without skip connections plus per-decoder-stage SimSiam heads (spec §3).
+"""The PCRLv2 backbone: a 3D U-Net without skip connections plus per-decoder-stage SimSiam heads
+(docs/method.md §2).
 
 Data flow for one input ``x`` of shape (B, C_in, X, Y, Z)::
 
@@ -8,7 +9,8 @@ Data flow for one input ``x`` of shape (B, C_in, X, Y, Z)::
     out head Conv3d(2·base -> 1, k1) + sigmoid                      -> reconstruction (B, 1, X, Y, Z)
 
 Only ``encoder.*`` parameters are transferred downstream; the decoder and heads exist for pre-training.
-Activation checkpointing is a switch the engine flips (style point 4); the model knows no ranks or devices.
+Activation checkpointing is a switch the engine flips, so that all parallelism lives in the engine: the model
+knows no ranks or devices.
 """
 
 from __future__ import annotations
@@ -121,10 +123,11 @@ class ScaleHeads(nn.Module):
     * predictor ``p = Linear(C, 2C) → BatchNorm1d(2C) → ReLU → Linear(2C, C)`` applied to ``z``;
     * restoration ``m = sigmoid(norm(Conv3d(C, 1, k3, p1)(x)))``.
 
-    The restoration head has no ReLU before the sigmoid (spec §3: conv → BN → sigmoid): a ReLU would confine the
-    output to [0.5, 1) and make targets below 0.5 unreachable. Its norm is BatchNorm3d(1) for ``batch`` and
-    ``sync_batch``; GroupNorm(8, 1) cannot exist, so ``group`` and ``instance`` both use InstanceNorm3d(1,
-    affine=True) — per-sample statistics like GroupNorm, and the same two affine parameters as BatchNorm3d(1).
+    The restoration head has no ReLU before the sigmoid (docs/method.md §2.3: conv → BN → sigmoid): a ReLU
+    would confine the output to [0.5, 1) and make targets below 0.5 unreachable. Its norm is BatchNorm3d(1)
+    for ``batch`` and ``sync_batch``; GroupNorm(8, 1) cannot exist, so ``group`` and ``instance`` both use
+    InstanceNorm3d(1, affine=True) — per-sample statistics like GroupNorm, and the same two affine parameters
+    as BatchNorm3d(1).
     The SimSiam BatchNorm1d layers are part of the method, so they stay BatchNorm1d for every ``norm``.
 
     Args:
@@ -211,7 +214,7 @@ def frozen_buffers(module: nn.Module) -> Iterator[None]:
 
 
 class PCRLv2UNet(nn.Module):
-    """Non-skip 3D U-Net with PCRLv2 heads (spec §3), generalised to any width and depth.
+    """Non-skip 3D U-Net with PCRLv2 heads (docs/method.md §2), generalised to any width and depth.
 
     Encoder stage d (d = 0..depth-1): ``LUConv(c_in, base·2^d) → LUConv(base·2^d, 2·base·2^d)``, with
     MaxPool3d(2) between stages. Decoder stage l (l = 0..depth-2, coarsest first) with input width
@@ -270,7 +273,8 @@ class PCRLv2UNet(nn.Module):
 
     def enable_activation_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each decoder stage in backward (training only): ~83 % of the FLOPs and most of the
-        activation memory are in the decoder (spec key numbers). BatchNorm running statistics are updated once.
+        activation memory are in the decoder (docs/method.md §4.3). BatchNorm running statistics are updated
+        once.
         """
         self.activation_checkpointing = enabled
 

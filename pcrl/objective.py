@@ -1,4 +1,4 @@
-"""The PCRLv2 objective (spec §4) and the training task that the DeepSpeed engine wraps.
+"""The PCRLv2 objective (docs/method.md §3) and the training task that the DeepSpeed engine wraps.
 
 Per step, with S decoder stages and L local views per sample::
 
@@ -10,8 +10,8 @@ Per step, with S decoder stages and L local views per sample::
     loss        = w_r·restore + w_m·β·multiscale + w_g·global + w_l·local
 
 where ``D`` is the symmetric SimSiam negative cosine with stop-gradient on the targets. β comes from
-:func:`beta_schedule` (a pure function of the step, style point 9) and is passed in; the random scales come
-from a generator the engine passes in, never from module-global state.
+:func:`beta_schedule` (a pure function of the step, so resuming needs no state) and is passed in; the
+random scales come from a generator the engine passes in, never from module-global state.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def beta_schedule(step: int, total_steps: int, kind: str = "cosine") -> float:
     """Weight β of the multi-scale restoration term at a global step.
 
     ``cosine``: β = ½(1 + cos(π·step/total_steps)), with ``step`` clamped to [0, total_steps] (1 → 0; the
-    reference hard-codes 240 epochs instead, spec §10.1.2). ``constant``: β = 1.
+    reference hard-codes 240 epochs instead, docs/method.md R2). ``constant``: β = 1.
 
     Raises:
         ValueError: ``total_steps < 1`` or an unknown ``kind``.
@@ -89,7 +89,8 @@ def _rows(features: ScaleFeatures, start: int, stop: int) -> ScaleFeatures:
 
 
 class PCRLv2Objective(nn.Module):
-    """The four PCRLv2 terms (spec §4) with configurable weights and restored views (pcrl decision 5).
+    """The four PCRLv2 terms (docs/method.md §3) with configurable weights and restored views
+    (docs/method.md D5).
 
     Args:
         restore: weight of the full-resolution restoration MSE.
@@ -191,7 +192,7 @@ class PCRLv2Objective(nn.Module):
             restore_terms.append(F.mse_loss(out.reconstruction.float(), target))
             coarse = out.scale_reconstructions[s].float()
             # Only the drawn scale is upsampled (the reference upsamples all three); the target is never
-            # downsampled (spec §4).
+            # downsampled (docs/method.md §3.2).
             if coarse.shape[2:] != target.shape[2:]:
                 coarse = F.interpolate(coarse, size=target.shape[2:], mode="trilinear", align_corners=False)
             multiscale_terms.append(F.mse_loss(coarse, target))
@@ -262,7 +263,7 @@ class PCRLv2Task(nn.Module):
 
     Three forwards, as the reference: view 1, view 2 (separate calls, so BatchNorm statistics are per view) and
     all local views in one batch. A global view that is not restored runs with ``local=True`` (features only),
-    which skips the work the reference spends on view 2's unused reconstruction (spec §10.3).
+    which skips the work the reference spends on view 2's unused reconstruction (docs/method.md R1).
 
     The BatchNorm running statistics are used only in eval mode, never by a training step, so which forwards
     update them changes no loss and no weight, only what an eval-mode (exported) encoder normalises with.

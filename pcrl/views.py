@@ -1,4 +1,4 @@
-"""The PCRLv2 sub-crop views (spec §2; pcrl's decisions 1-3), cut online from one whole volume.
+"""The PCRLv2 sub-crop views (docs/method.md §1, D1–D3), cut online from one whole volume.
 
 A sample is two global views of one volume (boxes with IoU > ``min_iou``, optionally kept away from
 tissue-dominated regions) and ``num_locals`` local sub-crops from inside the union of the two global boxes.
@@ -104,7 +104,7 @@ def union_box(a: Box, b: Box) -> Box:
 
 
 def tissue_score(volume: Tensor, box: Box, threshold: float, depth: int) -> float:
-    """Tissue score of a box (pcrl's decision 3): 0 = air only, 1 = tissue everywhere.
+    """Tissue score of a box (docs/method.md §1.3, D3): 0 = air only, 1 = tissue everywhere.
 
     For every voxel ``(i, j, d)`` of the box whose slices ``d .. d+depth-1`` lie inside the box, ``k`` is the
     index of the first of those slices with value ``>= threshold`` (``k = depth - 1`` if none) and the voxel
@@ -235,7 +235,7 @@ def sample_global_pair(
     volume: Tensor | None = None,
     tissue_threshold: float | None = None,
 ) -> tuple[Box, Box]:
-    """Draw the two global boxes of one sample (spec §2.1 step 6, pcrl's decisions 1 and 3).
+    """Draw the two global boxes of one sample (docs/method.md §1.2, D1 and D3).
 
     Each view draws its size uniformly from ``cfg.global_crop_sizes`` and its start uniformly with a margin
     of ``cfg.border`` voxels from the volume edge. Where the volume is too small the margin shrinks to
@@ -324,12 +324,13 @@ def _tissue_scores(
 def sample_local_boxes(
     shape: Sequence[int], box1: Box, box2: Box, cfg: ViewsConfig, rng: np.random.Generator
 ) -> list[Box]:
-    """Draw the ``cfg.num_locals`` local sub-crop boxes (spec §2.1 step 6, sub-crop).
+    """Draw the ``cfg.num_locals`` local sub-crop boxes (docs/method.md §1.4).
 
     Each local draws its size uniformly from ``cfg.local_crop_sizes`` and its start uniformly such that the
     WHOLE box lies inside the union of the two global boxes widened by ``cfg.local_margin`` on each side and
-    clipped to the volume. Unlike the reference (spec §10.1.9) a local box is never truncated at the volume
-    border; where the allowed region is smaller than the drawn size on an axis, the size is clamped to it.
+    clipped to the volume. Unlike the reference (docs/method.md R9) a local box is never truncated at the
+    volume border; where the allowed region is smaller than the drawn size on an axis, the size is clamped to
+    it.
 
     Args:
         shape: volume size (X, Y, Z).
@@ -351,7 +352,7 @@ def sample_local_boxes(
 
 @dataclass(frozen=True)
 class SpatialParams:
-    """Random spatial augmentation of N views (spec §2.2 ``T_s``): flip, then scale and rotation."""
+    """Random spatial augmentation of N views (docs/method.md §1.5): flip, then scale and rotation."""
 
     flip: np.ndarray
     """(N, 3) bool: flip this axis (x, y, z)."""
@@ -408,7 +409,7 @@ def _rotations(angles: np.ndarray) -> np.ndarray:
 
 
 def view_affines(boxes: Sequence[Box], out_size: Sequence[int], params: SpatialParams) -> Tensor:
-    """The affine map of each view: output coordinates → volume coordinates (pcrl's decision 2).
+    """The affine map of each view: output coordinates → volume coordinates (docs/method.md D2).
 
     Crop box → resize to ``out_size``, composed with the flip, scale and rotation about the box centre,
     done in physical (1 mm voxel) space, so a rotation is a true rotation even where the resize is
@@ -602,7 +603,7 @@ def _resample_cpu(
 def render_views(
     volume: Tensor, boxes: Sequence[Box], out_size: Sequence[int], params: SpatialParams
 ) -> Tensor:
-    """Render N views of one volume, each by ONE trilinear resampling (pcrl's decision 2), in one call.
+    """Render N views of one volume, each by ONE trilinear resampling (docs/method.md D2), in one call.
 
     Each view is its box resized to ``out_size`` and composed with its flip, scale and rotation
     (:func:`view_affines`). Samples outside the box come from the surrounding volume; samples outside the
@@ -881,7 +882,7 @@ def collate_draws(draws: Sequence[dict[str, Any]], pack: bool = False) -> dict[s
 
 
 class PCRLv2Views:
-    """Render the PCRLv2 sub-crop views (spec §2; pcrl's decisions 1-3), one sample or a whole batch.
+    """Render the PCRLv2 sub-crop views (docs/method.md §1, D1–D3), one sample or a whole batch.
 
     Deterministic: the same volume and seed give bit-identical views (on the same device), whether rendered
     alone or in a batch. Holds only the config, so it pickles into DataLoader workers. Works on CPU and CUDA

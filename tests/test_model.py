@@ -1,4 +1,5 @@
-"""Unit tests of pcrl.model: the reference's parameter counts, spec §3 shapes, validation, norms, checkpointing."""
+"""Unit tests of pcrl.model: the reference's parameter counts, docs/method.md §2
+shapes, validation, norms, checkpointing."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ def _seed() -> None:
 
 
 def test_pcrlv2unet_parameter_count_matches_reference() -> None:
-    """Pins the architecture to the reference (spec §3): 17,111,434 parameters, 7,027,776 in the encoder, and
-    the per-part split, so a wrong width, a missing bias or an extra projector MLP is caught."""
+    """Pins the architecture to the reference (docs/method.md §2.4): 17,111,434 parameters, 7,027,776 in the
+    encoder, and the per-part split, so a wrong width, a missing bias or an extra projector MLP is caught."""
     model = PCRLv2UNet()
     assert _count(model) == 17_111_434
     assert _count(model.encoder) == 7_027_776
@@ -44,8 +45,9 @@ def test_pcrlv2unet_encoder_keys_are_the_transferable_encoder() -> None:
 
 
 def test_pcrlv2unet_shapes_scale_with_base_channels() -> None:
-    """Spec §3 table at width base=4 (channels 8·base, 4·base, 2·base; masks at the stage resolution): catches
-    a decoder that halves channels at the wrong place or upsamples the scale masks inside the model."""
+    """The docs/method.md §2.2 table at width base=4 (channels 8·base, 4·base, 2·base; masks at the stage
+    resolution): catches a decoder that halves channels at the wrong place or upsamples the scale masks inside
+    the model."""
     base = 4
     model = PCRLv2UNet(base_channels=base)
     out = model(torch.randn(2, 1, 64, 64, 32))
@@ -89,8 +91,8 @@ def test_pcrlv2unet_shapes_scale_with_base_channels() -> None:
 
 
 def test_pcrlv2unet_default_widths_match_spec_table() -> None:
-    """The exact spec §3 shapes at the paper's widths for a 64×64×32 global and 6·2 local 16³ views (about
-    10 s on 2 CPU cores): pins the full-size model, not just a scaled-down one."""
+    """The exact docs/method.md §2.2 shapes at the paper's widths for a 64×64×32 global and 6·2 local 16³
+    views (about 10 s on 2 CPU cores): pins the full-size model, not just a scaled-down one."""
     model = PCRLv2UNet()
     with torch.no_grad():
         out = model(torch.randn(2, 1, 64, 64, 32))
@@ -142,7 +144,7 @@ def test_pcrlv2unet_invalid_args_raise(kwargs: dict, name: str) -> None:
 )
 def test_pcrlv2unet_invalid_input_raises(shape: tuple[int, ...]) -> None:
     """A wrong input fails with its shape in the message (a non-divisible size would otherwise fail obscurely
-    in the decoder; B=1 in training would fail in BatchNorm1d, spec §10.1.4)."""
+    in the decoder; B=1 in training would fail in BatchNorm1d, docs/method.md R4)."""
     model = PCRLv2UNet(base_channels=2)
     with pytest.raises(ValueError, match=r"shape \("):
         model(torch.randn(*shape))
@@ -191,7 +193,8 @@ def test_pcrlv2unet_local_flag_only_skips_restoration_heads() -> None:
 
 
 def test_pcrlv2unet_forward_stores_nothing_on_self() -> None:
-    """The reference keeps the last activations as attributes (spec §10.1.12), holding memory after the step."""
+    """The reference keeps the last activations as attributes (docs/method.md R12), holding memory after the
+    step."""
     model = PCRLv2UNet(base_channels=2)
     before = set(vars(model)) | set(model._modules)
     model(torch.randn(2, 1, 8, 8, 8))

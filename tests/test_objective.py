@@ -118,7 +118,7 @@ def test_siamese_cosine_shape_mismatch_raises() -> None:
 )
 def test_beta_schedule_values(step: int, kind: str, expected: float) -> None:
     """β follows training progress (1 → ½ → 0 over total_steps, clamped outside), not the reference's
-    hard-coded 240 epochs (spec §10.1.2, pcrl decision 4)."""
+    hard-coded 240 epochs (docs/method.md R2, D4)."""
     assert beta_schedule(step, 100, kind) == pytest.approx(expected, abs=1e-12)
 
 
@@ -161,8 +161,8 @@ def test_objective_hand_computed_terms() -> None:
 
 
 def test_objective_multiscale_upsamples_mask_not_target() -> None:
-    """The coarse mask is upsampled to the full-resolution target (spec §4): a 1×1×1 mask c against a random
-    target t gives mean((c - t)²), not (c - mean t)² as downsampling the target would."""
+    """The coarse mask is upsampled to the full-resolution target (docs/method.md §3.2): a 1×1×1 mask c
+    against a random target t gives mean((c - t)²), not (c - mean t)² as downsampling the target would."""
     target = torch.rand(B, 2, 1, 4, 4, 2)
     out1 = _fake_output(B, [torch.ones(B, 3)], 0.5, [0.7], [(1, 1, 1)])
     out2 = _fake_output(B, [torch.ones(B, 3)])
@@ -190,7 +190,7 @@ def test_objective_multiscale_matches_trilinear_upsampling() -> None:
 
 @pytest.mark.parametrize(("views", "expected"), [((1,), 0.25), ((2,), 0.01), ((1, 2), 0.13)])
 def test_objective_restore_views_selects_views(views: tuple[int, ...], expected: float) -> None:
-    """restore_views=[1] is the reference (view 2's output discarded, spec §10.1.1); [1, 2] averages both
+    """restore_views=[1] is the reference (view 2's output discarded, docs/method.md R1); [1, 2] averages both
     views' MSEs (0.5² and 0.1² against zero targets); [2] uses view 2 only."""
     out1, out2, out_local, targets = _hand_outputs(recon1=0.5, recon2=0.1)
     terms = PCRLv2Objective(restore_views=views)(out1, out2, out_local, targets, beta=1.0, generator=_gen(0))
@@ -306,7 +306,8 @@ def test_task_zero_weight_removes_term() -> None:
 
 def test_task_random_init_loss_ranges() -> None:
     """At random init: restore and multiscale MSEs against U(0,1) targets are about 1/12 plus the offset of a
-    ~0.5 sigmoid (spec: ≈ 0.1), and the cosine terms are near 0 — a collapsed or mis-signed term is not."""
+    ~0.5 sigmoid (docs/method.md §3.4: ≈ 0.1), and the cosine terms are near 0 — a collapsed or mis-signed
+    term is not."""
     task = _task(base=4)
     with torch.no_grad():
         terms = task(*_batch(), beta=1.0, generator=_gen(0))

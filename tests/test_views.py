@@ -148,7 +148,7 @@ def test_sample_local_boxes_inside_union_with_margin():
 
 
 def test_sample_local_boxes_never_truncated_at_volume_border():
-    """Pins the fix of reference bug §10.1.9: locals at the volume border keep their full size."""
+    """Pins the fix of reference bug, docs/method.md R9: locals at the volume border keep their full size."""
     cfg = tiny_cfg(local_crop_sizes=[[16, 16, 16]], num_locals=50)
     shape = (60, 60, 40)
     b1 = b2 = Box((44, 44, 24), (16, 16, 16))  # touching the far corner
