@@ -267,8 +267,8 @@ class HealthEval:
             if why is not None and scale not in self._collapsed:
                 self._collapsed.add(scale)
                 logger.warning(
-                    "representation collapse at decoder scale %d (%d channels): %s. The siamese terms are "
-                    "mapping different inputs to the same features; lower optim.lr, raise "
+                    "representation collapse at decoder scale %d (%d channels): %s. Different inputs get the "
+                    "same or collinear features at that scale; if it lasts, lower optim.lr, raise "
                     "train.micro_batch_size (BatchNorm statistics), or lower objective.weights.global/local",
                     scale,
                     z1.shape[1],
