@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import hashlib
 import json
 import os
 import shutil
@@ -44,6 +43,8 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from pcrl.io import file_sha256
 
 __all__ = [
     "ROLES",
@@ -60,7 +61,8 @@ __all__ = [
 
 MARKER = ".fetched.json"
 ROLES = ("pretrain", "eval")
-# data_prep.readers.VOLUME_SUFFIXES, repeated so that this module needs only the standard library.
+# data_prep.readers.VOLUME_SUFFIXES, repeated so that this module needs no third-party package (pcrl.io is
+# standard library only).
 _VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
@@ -182,14 +184,6 @@ def image_names(samples: dict[str, Path]) -> list[str]:
     return sorted(n for n in samples if not n.endswith("_label"))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _cached(folder: Path, source: Source) -> dict[str, Path] | None:
     """The files of a complete, verified cache folder, or ``None``."""
     try:
@@ -201,7 +195,7 @@ def _cached(folder: Path, source: Source) -> dict[str, Path] | None:
     files: dict[str, Path] = {}
     for name, entry in marker["files"].items():
         path = folder / entry["file"]
-        if not path.is_file() or path.stat().st_size != entry["size"] or _sha256(path) != entry["sha256"]:
+        if not path.is_file() or path.stat().st_size != entry["size"] or file_sha256(path) != entry["sha256"]:
             return None
         files[name] = path
     return files
@@ -325,7 +319,11 @@ def _fetch_source(source: Source, dest: Path, log: list[str]) -> dict[str, Path]
             "requirement": source.requirement,
             "archive": archive.name,
             "files": {
-                Source.sample_name(p.name): {"file": p.name, "size": p.stat().st_size, "sha256": _sha256(p)}
+                Source.sample_name(p.name): {
+                    "file": p.name,
+                    "size": p.stat().st_size,
+                    "sha256": file_sha256(p),
+                }
                 for p in sorted(files)
             },
         }

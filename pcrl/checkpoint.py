@@ -21,10 +21,8 @@ The run folder must be on a filesystem every node sees (resuming reads it from a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import pickle
 import re
 import shutil
@@ -35,7 +33,7 @@ import torch
 
 from pcrl import distributed
 from pcrl.config import ConfigError, PretrainConfig, save_config
-from pcrl.io import write_atomic
+from pcrl.io import file_sha256, write_atomic
 
 __all__ = [
     "MANIFEST_NAME",
@@ -90,24 +88,13 @@ def _tags(ckpt_dir: Path) -> list[str]:
     )
 
 
-def _file_digest(path: Path, flush: bool = False) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-        if flush:
-            # DeepSpeed's torch.save does not fsync; the manifest must not promise bytes still in a cache.
-            os.fsync(f.fileno())
-    return h.hexdigest()
-
-
 def _files(tag_dir: Path) -> list[Path]:
     return sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
 
 
 def _write_manifest(tag_dir: Path) -> None:
     files = {
-        str(p.relative_to(tag_dir)): {"size": p.stat().st_size, "sha256": _file_digest(p, flush=True)}
+        str(p.relative_to(tag_dir)): {"size": p.stat().st_size, "sha256": file_sha256(p, fsync=True)}
         for p in _files(tag_dir)
     }
     write_atomic(tag_dir / MANIFEST_NAME, json.dumps({"files": files}, indent=1, sort_keys=True))
@@ -130,7 +117,7 @@ def verify_checkpoint(tag_dir: Path) -> str | None:
         size = path.stat().st_size
         if size != expected["size"]:
             return f"{name} has {size} bytes instead of {expected['size']} (truncated or overwritten)"
-        if _file_digest(path) != expected["sha256"]:
+        if file_sha256(path) != expected["sha256"]:
             return f"{name} does not match its sha256 (corrupt)"
     return None
 

@@ -20,7 +20,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -38,6 +37,7 @@ from pcrl.checkpoint import (
     verify_checkpoint,
 )
 from pcrl.config import PretrainConfig, config_hash, load_config
+from pcrl.io import file_sha256
 from pcrl.model import PCRLv2Encoder
 
 __all__ = [
@@ -65,14 +65,6 @@ _PREFIX = "model."
 class EncoderLoadError(ValueError):
     """An exported encoder does not fit the module it is loaded into, or its files do not belong together.
     The message lists every missing, unexpected and mis-shaped tensor."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _pick_tag(run_dir: Path, step: int | None) -> str:
@@ -209,7 +201,7 @@ def export_encoder(run_dir: Path, step: int | None = None, output: Path | None =
     tmp_meta = meta_path.with_name(f".{meta_path.name}.{os.getpid()}.tmp")
     try:
         save_file(tensors, str(tmp_weights), metadata={"format": ENCODER_FORMAT})
-        meta = _metadata(cfg, checkpoint_step(tag) or 0, trained_dtype, _sha256(tmp_weights))
+        meta = _metadata(cfg, checkpoint_step(tag) or 0, trained_dtype, file_sha256(tmp_weights))
         tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
         tmp_weights.replace(weights)
         tmp_meta.replace(meta_path)
@@ -313,7 +305,7 @@ def load_encoder(path: str | os.PathLike[str], device: str | torch.device = "cpu
     meta = read_encoder_meta(path)
     weights, meta_path = _export_paths(path)
     expected_sha = meta.get("weights", {}).get("sha256")
-    if expected_sha and _sha256(weights) != expected_sha:
+    if expected_sha and file_sha256(weights) != expected_sha:
         raise EncoderLoadError(
             f"{weights} does not match {meta_path} (sha256 differs): the two files come from different "
             "exports or one was modified; export again with python launch/export.py RUN_DIR"

@@ -1,4 +1,6 @@
-"""Atomic file writes: a file is either its old complete version or its new complete version, never half.
+"""File helpers that must behave the same everywhere: atomic writes and file digests.
+
+Atomic writes: a file is either its old complete version or its new complete version, never half.
 
 The one implementation of "write to a temporary name beside the target, fsync, rename, fsync the folder"
 used by the config, checkpoints, tracking, figures and ``data_prep`` (which may import it: this module
@@ -14,12 +16,28 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "fsync_dir", "write_atomic"]
+__all__ = ["atomic_path", "file_sha256", "fsync_dir", "write_atomic"]
+
+
+def file_sha256(path: str | os.PathLike[str], fsync: bool = False) -> str:
+    """The hex sha256 of a file's bytes, read in 4 MiB chunks.
+
+    With ``fsync``, the file is also flushed to disk before returning, so a manifest that records the digest
+    never promises bytes still in the page cache (a writer such as ``torch.save`` does not fsync).
+    """
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+        if fsync:
+            os.fsync(f.fileno())
+    return h.hexdigest()
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

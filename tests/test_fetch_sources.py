@@ -4,7 +4,6 @@ evaluation, and the CLI lists every source with its role."""
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import SimpleITK as sitk
 from conftest import samples_dir
 
 from data_prep.fetch import SOURCES, Source, fetch_pretraining, fetch_samples, pretraining_sources
+from pcrl.io import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 # Stored (x, y, z) shape of every pretraining image, as nibabel's ``shape`` or SimpleITK's ``GetSize``.
@@ -28,10 +28,6 @@ PRETRAINING_SHAPES = {
     "mni152_t1": (197, 233, 189),
     "nibabel_anatomical": (33, 41, 25),
 }
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _shape(path: Path) -> tuple[int, ...]:
@@ -75,11 +71,11 @@ def test_no_pretraining_volume_comes_from_an_eval_source(pretraining: dict[str, 
     assert set(pretraining_sources()) == {"pyradiomics", "pycortex", "mni152", "nibabel"}
     colin = fetch_samples(samples_dir(), sources=["colin27"])
     colin_folder = colin["colin27_ch2"].parent
-    held_out = {_sha256(p) for p in colin.values()}
+    held_out = {file_sha256(p) for p in colin.values()}
     assert colin["colin27_ch2"].name == "colin27_ch2.nii.gz" and len(held_out) == len(colin)
     for name, path in pretraining.items():
         assert colin_folder not in path.resolve().parents, name
-        assert _sha256(path) not in held_out, name
+        assert file_sha256(path) not in held_out, name
     with pytest.raises(ValueError, match="role must be one of"):
         Source("x", "x==1", "*", role="train")
 
