@@ -120,7 +120,9 @@ def _pretrain(
 
 def _curve(run: Path) -> dict[int, float]:
     """Online probe AUC by step, from the run's metrics.jsonl."""
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    from pcrl.io import read_jsonl
+
+    records, _ = read_jsonl(run / "metrics.jsonl")
     return {int(r["step"]): float(r["probe/auc"]) for r in records if "probe/auc" in r}
 
 

@@ -47,6 +47,7 @@ from pcrl.config import (
     flatten_config,
     save_config,
 )
+from pcrl.io import read_jsonl
 from pcrl.tracking import ConsoleProgress, Tracker
 
 __all__ = [
@@ -225,18 +226,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def _trim_jsonl(path: Path, last_step: int) -> None:
     """Drop the records after ``last_step`` (written after the checkpoint a run resumes from)."""
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = []
-    for line in lines:
-        try:
-            if json.loads(line)["step"] <= last_step:
-                kept.append(line)
-        except (ValueError, KeyError):
-            break  # a line cut short by a kill ends the valid part
-    if len(kept) < len(lines):
-        path.write_text("".join(kept))
+    records, dropped = read_jsonl(path)  # a line cut short by a kill ends the valid part
+    kept = [r for r in records if r.get("step", math.inf) <= last_step]
+    if dropped or len(kept) < len(records):
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 def flops_per_sample(cfg: PretrainConfig) -> float:
@@ -273,12 +266,8 @@ def _peak_memory_gib() -> float:
 
 def _last_record(path: Path) -> dict[str, float]:
     """The metrics of the last line of ``metrics.jsonl`` (for a relaunch that had nothing left to do)."""
-    if not path.is_file():
-        return {}
-    lines = path.read_text().splitlines()
-    if not lines:
-        return {}
-    record = json.loads(lines[-1])
+    records, _ = read_jsonl(path)
+    record = records[-1] if records else {}
     return {k: v for k, v in record.items() if k not in ("step", "time") and isinstance(v, int | float)}
 
 

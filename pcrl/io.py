@@ -21,8 +21,33 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_path", "file_sha256", "fsync_dir", "write_atomic"]
+__all__ = ["atomic_path", "file_sha256", "fsync_dir", "read_jsonl", "write_atomic"]
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], int]:
+    """The records of a JSON-lines file, and how many lines after the valid part were left out.
+
+    Reading stops at the first line that is not a JSON object: a line cut short by a kill ends the valid
+    part of an append-only log. A missing file has no records.
+    """
+    import json
+
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return [], 0
+    records: list[dict[str, Any]] = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            break
+        if not isinstance(record, dict):
+            break
+        records.append(record)
+    return records, len(lines) - len(records)
 
 
 def file_sha256(path: str | os.PathLike[str], fsync: bool = False) -> str:

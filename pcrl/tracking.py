@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pcrl.io import write_atomic
+from pcrl.io import read_jsonl, write_atomic
 
 __all__ = [
     "ConsoleProgress",
@@ -317,19 +317,9 @@ class Tracker:
 
     def _read_records(self) -> list[dict[str, Any]]:
         """The records of ``metrics.jsonl``; a last line cut short by a kill is dropped from the file."""
-        if not self._jsonl.is_file():
-            return []
-        lines = self._jsonl.read_text().splitlines()
-        records = []
-        for line in lines:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-        if len(records) < len(lines):
-            logger.warning(
-                "%s: dropping %d incomplete line(s) at its end", self._jsonl, len(lines) - len(records)
-            )
+        records, dropped = read_jsonl(self._jsonl)
+        if dropped:
+            logger.warning("%s: dropping %d incomplete line(s) at its end", self._jsonl, dropped)
             write_atomic(self._jsonl, "".join(json.dumps(r) + "\n" for r in records))
         return records
 
