@@ -58,6 +58,7 @@ __all__ = [
     "HealthEval",
     "RestorationEval",
     "eval_views",
+    "fixed_batches",
     "metric_mode",
     "private_model",
     "psnr",
@@ -94,6 +95,15 @@ def psnr(output: Tensor, target: Tensor) -> Tensor:
     return -10.0 * torch.log10(mse)
 
 
+def fixed_batches(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of the fixed evaluation batches of ``n`` rows; a last batch of one row would break
+    batch statistics, so it joins the one before."""
+    starts = list(range(0, n, batch_size))
+    if len(starts) > 1 and n - starts[-1] < 2:
+        starts.pop()
+    return list(zip(starts, [*starts[1:], n], strict=True))
+
+
 def private_model(cfg: PretrainConfig, device: torch.device | str) -> nn.Module:
     """A training-mode copy of the run's architecture for an evaluator (weights loaded at every call)."""
     from pcrl.model import PCRLv2UNet
@@ -122,12 +132,7 @@ class RestorationEval:
                 f"views {tuple(views.shape)} and targets {tuple(targets.shape)} must both be (N, 1, X, Y, Z)"
             )
         self.views, self.targets, self.model = views, targets, model
-        # Fixed batches; a last batch of one view would break batch statistics, so it joins the one before.
-        n = views.shape[0]
-        starts = list(range(0, n, batch_size))
-        if len(starts) > 1 and n - starts[-1] < 2:
-            starts.pop()
-        self.batches = [(s, e) for s, e in zip(starts, [*starts[1:], n], strict=True)]
+        self.batches = fixed_batches(views.shape[0], batch_size)
 
     @classmethod
     def from_config(cls, cfg: PretrainConfig, device: torch.device | str = "cpu") -> RestorationEval | None:
@@ -226,11 +231,7 @@ class HealthEval:
         if views.ndim != 6 or views.shape[1] != 2 or views.shape[0] < 2:
             raise ValueError(f"views must be (N, 2, 1, X, Y, Z) with N >= 2 pairs, got {tuple(views.shape)}")
         self.views, self.model = views, model
-        n = views.shape[0]
-        starts = list(range(0, n, batch_size))
-        if len(starts) > 1 and n - starts[-1] < 2:  # a last batch of one pair would break batch statistics
-            starts.pop()
-        self.batches = list(zip(starts, [*starts[1:], n], strict=True))
+        self.batches = fixed_batches(views.shape[0], batch_size)
         self._collapsed: set[int] = set()
 
     @classmethod
@@ -254,8 +255,8 @@ class HealthEval:
                 out = self.model(self.views[s:e, v].to(dtype), local=True)
                 per_view[v].append([f.target.float() for f in out.scale_features])
         return [
-            (torch.cat([b[s] for b in per_view[0]]), torch.cat([b[s] for b in per_view[1]]))
-            for s in range(len(per_view[0][0]))
+            (torch.cat([b[k] for b in per_view[0]]), torch.cat([b[k] for b in per_view[1]]))
+            for k in range(len(per_view[0][0]))
         ]
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
