@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,8 +33,6 @@ def read_jsonl(path: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], int]
     Reading stops at the first line that is not a JSON object: a line cut short by a kill ends the valid
     part of an append-only log. A missing file has no records.
     """
-    import json
-
     try:
         lines = Path(path).read_text().splitlines()
     except FileNotFoundError:

@@ -16,6 +16,7 @@ random scales come from a generator the engine passes in, never from module-glob
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -328,9 +329,7 @@ class PCRLv2Task(nn.Module):
         out2 = self.model(global_views[:, 1], local=2 not in restored)
         # (B, L, C, x, y, z) -> (L, B, C, x, y, z) -> (L·B, C, x, y, z): j-major, rows [j·B, (j+1)·B) = local j.
         locals_jmajor = local_views.transpose(0, 1).reshape(-1, *local_views.shape[2:])
-        if self.bn_stats == "global" and self.training:
-            with frozen_buffers(self.model):
-                out_local = self.model(locals_jmajor, local=True)
-        else:
+        keep_stats = self.bn_stats == "global" and self.training
+        with frozen_buffers(self.model) if keep_stats else contextlib.nullcontext():
             out_local = self.model(locals_jmajor, local=True)
         return self.objective(out1, out2, out_local, global_targets, beta, generator)
