@@ -24,26 +24,34 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from pcrl import distributed
-from pcrl.config import ConfigError, PretrainConfig, save_config
+from pcrl.config import ConfigError, PretrainConfig, config_hash, config_to_dict, save_config
 from pcrl.io import file_sha256, write_atomic
 
 __all__ = [
     "MANIFEST_NAME",
     "CheckpointWriteError",
+    "ResumeState",
     "checkpoint_dir",
     "checkpoint_step",
     "checkpoint_tag",
     "find_resume_tag",
     "load_checkpoint",
+    "resume_training",
+    "rng_state",
     "save_checkpoint",
+    "save_training_state",
+    "set_rng_state",
     "verify_checkpoint",
 ]
 
@@ -306,3 +314,89 @@ def load_checkpoint(engine: Any, run_dir: Path, tag: str) -> tuple[dict[str, Any
             f"relaunch with {len(ranks)} processes, or start a new run (another run.name)"
         )
     return client_state, ranks[distributed.rank()]
+
+
+def rng_state() -> dict[str, Any]:
+    """The global RNGs (Python, NumPy, torch CPU and CUDA) as plain data (loads with ``weights_only=True``)."""
+    version, internal, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": {
+            "keys": keys.tolist(),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(
+        ("MT19937", np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached"])
+    )
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+@dataclass
+class ResumeState:
+    """The trainer's state a checkpoint restores besides DeepSpeed's model and optimizer.
+
+    Attributes:
+        step: optimizer steps done.
+        run_id: the MLflow run to continue (None when tracking was off or down).
+        nonfinite_skips: micro-batches skipped so far for a non-finite loss.
+        window: this rank's log window (:meth:`pcrl.metrics.MetricWindow.state_dict`).
+        data: this rank's loader position (``loader_state`` of the stream).
+    """
+
+    step: int = 0
+    run_id: str | None = None
+    nonfinite_skips: int = 0
+    window: dict[str, Any] | None = None
+    data: dict[str, Any] | None = None
+
+
+def save_training_state(
+    engine: Any,
+    cfg: PretrainConfig,
+    state: ResumeState,
+    generator: torch.Generator,
+) -> Path:
+    """Save the checkpoint of ``state.step`` with everything an exact resume needs: the shared counters and
+    config, and every rank's RNGs, objective generator, loader position and log window. Call on all ranks."""
+    shared = {
+        "step": state.step,
+        # Rank 0's (the state DeepSpeed saves); set late when MLflow was down at the start.
+        "mlflow_run_id": state.run_id,
+        "nonfinite_skips": state.nonfinite_skips,
+        "config_hash": config_hash(cfg),
+        "config": config_to_dict(cfg),
+    }
+    own = {"rng": rng_state(), "generator": generator.get_state(), "data": state.data, "window": state.window}
+    return save_checkpoint(engine, cfg, state.step, shared, own)
+
+
+def resume_training(engine: Any, run_dir: Path, tag: str, generator: torch.Generator) -> ResumeState:
+    """Load checkpoint ``tag`` into ``engine``, restore this rank's global RNGs and the objective's
+    ``generator``, and return the rest of the trainer's state. Call on all ranks."""
+    shared, own = load_checkpoint(engine, run_dir, tag)
+    generator.set_state(own["generator"])
+    set_rng_state(own["rng"])
+    return ResumeState(
+        step=int(shared["step"]),
+        run_id=shared.get("mlflow_run_id"),
+        nonfinite_skips=int(shared.get("nonfinite_skips", 0)),
+        window=own["window"],
+        data=own["data"],
+    )

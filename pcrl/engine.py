@@ -13,12 +13,10 @@ with :class:`Preempted`.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
 import re
-import resource
 import signal
 import sys
 import threading
@@ -32,41 +30,32 @@ import torch
 
 from pcrl import distributed
 from pcrl.checkpoint import (
+    ResumeState,
     checkpoint_dir,
     checkpoint_step,
     find_resume_tag,
-    load_checkpoint,
-    save_checkpoint,
+    resume_training,
+    save_training_state,
 )
-from pcrl.config import (
-    ConfigError,
-    OptimConfig,
-    PretrainConfig,
-    config_hash,
-    config_to_dict,
-    flatten_config,
-    save_config,
-)
+from pcrl.config import ConfigError, PretrainConfig, flatten_config, save_config
 from pcrl.io import read_jsonl
+from pcrl.metrics import MetricWindow, SampleKeyLog, flops_per_sample, loss_scale_metrics
+from pcrl.objective import LOSS_TERMS, beta_schedule, build_task
+from pcrl.optim import build_optimizer, lr_schedule
 from pcrl.tracking import ConsoleProgress, Tracker
 
 __all__ = [
     "NonFiniteLossError",
     "Preempted",
     "RankLost",
-    "build_optimizer",
+    "StopSignals",
     "configure_logging",
     "cpu_has_bf16",
-    "flops_per_sample",
-    "lr_schedule",
     "train",
     "train_step",
 ]
 
 logger = logging.getLogger(__name__)
-
-# The loss terms the objective returns, logged as loss/<name>.
-LOSS_TERMS = ("loss", "restore", "multiscale", "global", "local")
 
 Reporter = Callable[[dict[str, float], int], None]
 
@@ -108,7 +97,7 @@ class RankLost(RuntimeError):
         self.ranks = ranks
 
 
-class _StopSignals:
+class StopSignals:
     """SIGTERM and SIGUSR1 only set a flag; the loop acts on it at the next step boundary, where every rank
     can agree and save (a rank that stopped alone would leave the others hanging in a collective)."""
 
@@ -132,25 +121,6 @@ class _StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
-
-
-def lr_schedule(step: int, total_steps: int, cfg: OptimConfig) -> float:
-    """Learning rate at optimizer step ``step`` (0-based): linear warm-up, then cosine to
-    ``lr·min_lr_ratio`` at ``total_steps``. A pure function of the step, so resuming needs only the step."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, total_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def build_optimizer(params: Any, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """SGD with momentum (the paper) or AdamW, as a torch optimizer handed to DeepSpeed (a DeepSpeed-config
-    optimizer would JIT-compile fused CPU kernels for minutes)."""
-    if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
 def _seed_everything(seed: int) -> None:
@@ -193,95 +163,11 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def _rng_state() -> dict[str, Any]:
-    """The global RNGs as plain data (loads with ``torch.load(weights_only=True)``)."""
-    version, internal, gauss = random.getstate()
-    _, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
-    state: dict[str, Any] = {
-        "python": [version, list(internal), gauss],
-        "numpy": {
-            "keys": keys.tolist(),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached": float(cached),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state(
-        ("MT19937", np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached"])
-    )
-    torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
-def _trim_jsonl(path: Path, last_step: int) -> None:
-    """Drop the records after ``last_step`` (written after the checkpoint a run resumes from)."""
-    records, dropped = read_jsonl(path)  # a line cut short by a kill ends the valid part
-    kept = [r for r in records if r.get("step", math.inf) <= last_step]
-    if dropped or len(kept) < len(records):
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-
-
-def flops_per_sample(cfg: PretrainConfig) -> float:
-    """FLOPs of one sample's forward and backward through the full objective, counted by torch's
-    FlopCounterMode on meta tensors (no memory, no arithmetic). Model FLOPs in the MFU sense: activation
-    checkpointing's recomputation is not counted."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from pcrl.model import PCRLv2UNet
-    from pcrl.objective import PCRLv2Objective, PCRLv2Task
-
-    b = cfg.train.micro_batch_size
-    with torch.device("meta"):
-        model = PCRLv2UNet(
-            in_channels=1, base_channels=cfg.model.base_channels, depth=cfg.model.depth, norm=cfg.model.norm
-        )
-        task = PCRLv2Task(model, PCRLv2Objective.from_config(cfg.objective), cfg.model.bn_stats)
-        global_views = torch.empty(b, 2, 1, *cfg.views.global_size)
-        local_views = torch.empty(b, cfg.views.num_locals, 1, *cfg.views.local_size)
-    with FlopCounterMode(display=False) as counter:
-        out = task(
-            global_views, global_views, local_views, beta=1.0, generator=torch.Generator().manual_seed(0)
-        )
-        out["loss"].backward()
-    return counter.get_total_flops() / b
-
-
-def _peak_memory_gib() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    # ru_maxrss is KiB on Linux.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
 def _last_record(path: Path) -> dict[str, float]:
     """The metrics of the last line of ``metrics.jsonl`` (for a relaunch that had nothing left to do)."""
     records, _ = read_jsonl(path)
     record = records[-1] if records else {}
     return {k: v for k, v in record.items() if k not in ("step", "time") and isinstance(v, int | float)}
-
-
-def _loss_scale_metrics(engine: Any) -> dict[str, float]:
-    """fp16 only: DeepSpeed's dynamic loss scale and the steps it skipped on overflow, so a run whose scale
-    collapses (steps silently skipped) shows it in MLflow."""
-    opt = engine.optimizer
-    scale = getattr(opt, "cur_scale", None)
-    if scale is None:
-        scale = getattr(opt, "loss_scale", None)
-    out = {"optim/skipped_steps": float(getattr(engine, "skipped_steps", 0))}
-    if scale is not None:
-        out["optim/loss_scale"] = float(scale)
-    return out
 
 
 def _infinite(loader: Any) -> Iterator[dict[str, Any]]:
@@ -305,7 +191,7 @@ def train(cfg: PretrainConfig, reporter: Reporter | None = None) -> dict[str, fl
         Preempted: a preemption signal arrived; the checkpoint of the step it names is saved.
         RankLost: another rank died or stopped answering (within ``engine.dist_timeout_s``).
     """
-    stop = _StopSignals()
+    stop = StopSignals()
     stop.install()
     try:
         return _train(cfg, reporter, stop)
@@ -319,105 +205,62 @@ def train(cfg: PretrainConfig, reporter: Reporter | None = None) -> dict[str, fl
         distributed.release_shm_workspace()
 
 
-def _train(cfg: PretrainConfig, reporter: Reporter | None, stop: _StopSignals) -> dict[str, float]:
+def _train(cfg: PretrainConfig, reporter: Reporter | None, stop: StopSignals) -> dict[str, float]:
     import deepspeed
 
-    from pcrl.data import build_loader
     from pcrl.evaluate import Evaluation
-    from pcrl.model import PCRLv2UNet
-    from pcrl.objective import PCRLv2Objective, PCRLv2Task, beta_schedule
-    from pcrl.views import build_renderer
 
-    # -- init distributed ------------------------------------------------------------------------
+    # -- distributed, and the checkpoint to resume from (verified by rank 0, the same tag on every rank) --
     distributed.init_distributed(cfg.engine.dist_timeout_s)
     rank, world = distributed.rank(), distributed.world_size()
     _check_runtime(cfg, world)
     if torch.cuda.is_available():
         torch.cuda.set_device(distributed.local_rank())
     _seed_everything(cfg.run.seed + rank)
-
-    # -- find the checkpoint to resume from (verified by rank 0, the same tag on every rank) ----------
-    run_dir = cfg.run_dir
+    run_dir, max_steps, accum = cfg.run_dir, cfg.train.max_steps, cfg.train.grad_accum_steps
     resume_tag = find_resume_tag(run_dir)
     start_step = 0 if resume_tag is None else checkpoint_step(resume_tag)
 
-    # -- build data ------------------------------------------------------------------------------
-    # Views render where the model computes: on the GPU (torch or DALI) or in the CPU loader workers.
-    render_device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-    views = build_renderer(cfg.views, render_device or "cpu", cfg.train.micro_batch_size)
-    try:
-        loader = build_loader(
-            cfg,
-            views,
-            rank=rank,
-            world_size=world,
-            start_batches=start_step * cfg.train.grad_accum_steps,
-            device=render_device,
-        )
-    except (FileNotFoundError, ValueError) as e:
-        # A wrong path or too few volumes is a user mistake, reported before the run folder exists.
-        raise ConfigError(f"data.shards={cfg.data.shards}: {e}") from None
+    # -- data: checked before the run folder exists, so a wrong path leaves nothing behind ---------------
+    loader = _build_loader(cfg, rank, world, start_step * accum)
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     distributed.barrier()
 
-    # -- build model + objective -----------------------------------------------------------------
-    model = PCRLv2UNet(
-        in_channels=1, base_channels=cfg.model.base_channels, depth=cfg.model.depth, norm=cfg.model.norm
-    )
-    if cfg.model.norm == "sync_batch" and world > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if cfg.model.activation_checkpointing:
-        model.enable_activation_checkpointing()
-    task = PCRLv2Task(model, PCRLv2Objective.from_config(cfg.objective), cfg.model.bn_stats)
-    optimizer = build_optimizer(task.parameters(), cfg.optim)
-
-    # -- deepspeed.initialize --------------------------------------------------------------------
+    # -- model + objective + optimizer under DeepSpeed -----------------------------------------------------
+    task = build_task(cfg, world)
     ds_config = distributed.deepspeed_config(cfg, world)
-    engine, optimizer, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, config=ds_config)
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=task, optimizer=build_optimizer(task.parameters(), cfg.optim), config=ds_config
+    )
     if cfg.engine.channels_last:
         # After initialize: DeepSpeed's parameter broadcast views weights as bytes and needs them dense.
         # .to() swaps each parameter's data in place, so the optimizer keeps the same parameters.
         engine.module.to(memory_format=torch.channels_last_3d)
 
-    # -- resume ----------------------------------------------------------------------------------
+    # -- resume: RNGs, the objective's scale draws, loader position, counters, log window ------------------
     # The scale draws of the objective follow their own seeded stream, identical on every launch.
     generator = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + rank)
-    run_id = None
-    window: dict[str, Any] = {"steps": 0, "sums": dict.fromkeys(LOSS_TERMS, 0.0)}
-    nonfinite_skips = 0
+    state = ResumeState()
     if resume_tag is not None:
-        shared, own = load_checkpoint(engine, run_dir, resume_tag)
-        assert int(shared["step"]) == start_step, (shared["step"], resume_tag)
-        try:
-            loader.dataset.check_loader_state(own["data"], cfg.data.num_workers)
-        except ValueError as e:
-            raise ConfigError(f"cannot resume {run_dir} from {resume_tag}: {e}") from None
-        run_id = shared.get("mlflow_run_id")
-        nonfinite_skips = int(shared.get("nonfinite_skips", 0))
-        generator.set_state(own["generator"])
-        _set_rng_state(own["rng"])
-        window = own["window"]
-        if cfg.tracking.sample_keys:
-            _trim_jsonl(run_dir / "sample_keys" / f"rank{rank}.jsonl", start_step)
-        if distributed.is_main():
-            logger.info("resuming %s from step %d", run_dir, start_step)
-            if start_step >= cfg.train.max_steps:
-                logger.info(
-                    "the run is already at train.max_steps=%d; raise it to train further", cfg.train.max_steps
-                )
+        state = resume_training(engine, run_dir, resume_tag, generator)
+        _check_resume(cfg, loader, state, resume_tag)
+    window = MetricWindow(LOSS_TERMS, accum, state.window)
+    keys = (
+        SampleKeyLog(run_dir, rank, state.step if resume_tag else None) if cfg.tracking.sample_keys else None
+    )
 
-    # -- tracking --------------------------------------------------------------------------------
-    # Rank 0 reads and renders the panel's fixed views now, before an MLflow run exists to be left open.
-    panel = None
-    if distributed.is_main() and cfg.tracking.image_every and start_step < cfg.train.max_steps:
+    # -- tracking and evaluation ---------------------------------------------------------------------------
+    # Rank 0 reads and renders the panel's and the evaluators' fixed views now, before an MLflow run exists
+    # to be left open; every rank builds the evaluation, as every rank calls it at an evaluation step.
+    work_left = start_step < max_steps
+    panel = evaluation = None
+    if work_left and distributed.is_main() and cfg.tracking.image_every:
         from pcrl.figures import ReconstructionPanel
 
         panel = ReconstructionPanel.from_config(cfg, engine.device)
-    # Every rank builds it (rank 0 renders the held-out views); at an evaluation step every rank calls it.
-    evaluation = Evaluation([], 0, cfg.train.max_steps)
-    if start_step < cfg.train.max_steps:
+    if work_left:
         evaluation = Evaluation.from_config(cfg, engine.device)
     tracker = Tracker(
         run_dir,
@@ -427,110 +270,48 @@ def _train(cfg: PretrainConfig, reporter: Reporter | None, stop: _StopSignals) -
         main=distributed.is_main(),
         retry_s=cfg.tracking.retry_s,
     )
-    tracker.start(cfg.run.name, flatten_config(cfg), run_id=run_id)
+    tracker.start(cfg.run.name, flatten_config(cfg), run_id=state.run_id)
     if distributed.is_main():
         tracker.log_artifact(run_dir / "config.yaml")
-    console = ConsoleProgress(cfg.train.max_steps, start_step, enabled=distributed.is_main())
+    console = ConsoleProgress(max_steps, start_step, enabled=distributed.is_main())
     flops = flops_per_sample(cfg)
-    if distributed.is_main():
-        n_params = sum(p.numel() for p in model.parameters())
-        logger.info(
-            "run %s: %d process(es), %s, %.2f M parameters, micro-batch %d × accum %d × %d ranks = %d samples/step, "
-            "%.3g GFLOP per sample (forward + backward)",
-            run_dir,
-            world,
-            cfg.engine.precision,
-            n_params / 1e6,
-            cfg.train.micro_batch_size,
-            cfg.train.grad_accum_steps,
-            world,
-            ds_config["train_batch_size"],
-            flops / 1e9,
-        )
+    _log_start(cfg, task, world, ds_config["train_batch_size"], flops)
 
-    # -- train -----------------------------------------------------------------------------------
+    # -- train ---------------------------------------------------------------------------------------------
     batches = _infinite(loader)
-    keys_file = None
-    if cfg.tracking.sample_keys:
-        (run_dir / "sample_keys").mkdir(exist_ok=True)
-        keys_file = (run_dir / "sample_keys" / f"rank{rank}.jsonl").open("a")
-    samples_per_step = ds_config["train_batch_size"]
-    # A resumed run carries on the log window its checkpoint was taken in, so the logged means are exact.
-    sums = dict(window["sums"])
-    # Micro-batches whose losses the window's sums hold (skipped non-finite ones are left out of the means).
-    accum = cfg.train.grad_accum_steps
-    window_micro = int(window.get("micro", window["steps"] * accum))
-    window_steps, window_wait, window_t0 = int(window["steps"]), 0.0, time.perf_counter()
     last_metrics: dict[str, float] = {}
     status = "FAILED"
-    step = start_step
     try:
-        while step < cfg.train.max_steps:
-            lr = lr_schedule(step, cfg.train.max_steps, cfg.optim)
+        while state.step < max_steps:
+            step = state.step
+            lr = lr_schedule(step, max_steps, cfg.optim)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            beta = beta_schedule(step, cfg.train.max_steps, cfg.objective.beta_schedule)
-            for _ in range(cfg.train.grad_accum_steps):
+            beta = beta_schedule(step, max_steps, cfg.objective.beta_schedule)
+            for _ in range(accum):
                 t0 = time.perf_counter()
                 batch = next(batches)
-                window_wait += time.perf_counter() - t0
-                if keys_file is not None:
-                    keys_file.write(json.dumps({"step": step + 1, "keys": list(batch["keys"])}) + "\n")
-                skip = nonfinite_skips < cfg.train.max_nonfinite_skips
-                try:
-                    terms = train_step(engine, batch, beta, generator, step, skip_nonfinite=skip)
-                except NonFiniteLossError as e:
-                    if not cfg.train.max_nonfinite_skips:
-                        raise
-                    raise NonFiniteLossError(
-                        f"{e} (after {nonfinite_skips} skipped, train.max_nonfinite_skips="
-                        f"{cfg.train.max_nonfinite_skips})"
-                    ) from None
-                if terms is None:
-                    nonfinite_skips += 1
-                    logger.warning(
-                        "the loss is non-finite at step %d; skipped that micro-batch (no gradient from it) "
-                        "(%d of train.max_nonfinite_skips=%d)",
-                        step + 1,
-                        nonfinite_skips,
-                        cfg.train.max_nonfinite_skips,
-                    )
-                    continue
-                window_micro += 1
-                for k in LOSS_TERMS:
-                    sums[k] += terms[k] / accum
-            step += 1
-            window_steps += 1
+                window.wait_s += time.perf_counter() - t0
+                if keys is not None:
+                    keys.write(step + 1, batch["keys"])
+                terms = _guarded_step(
+                    engine, batch, beta, generator, step, state, cfg.train.max_nonfinite_skips
+                )
+                if terms is not None:
+                    window.add(terms)
+            state.step = step = step + 1
+            window.steps += 1
             console.update(step)
 
-            evaluate = evaluation.due(step)
+            evaluate = evaluation is not None and evaluation.due(step)
             # An evaluation step is also a log step: the tracker records each step once, in one record.
-            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps or evaluate:
-                elapsed = time.perf_counter() - window_t0
-                counted = window_micro / accum
-                metrics = {
-                    f"loss/{'total' if k == 'loss' else k}": distributed.all_reduce_mean(
-                        v / counted if counted else math.nan
-                    )
-                    for k, v in sums.items()
-                }
-                samples_per_s = samples_per_step * window_steps / elapsed
-                metrics.update(
-                    {
-                        "optim/lr": lr,
-                        "schedule/beta": beta,
-                        "perf/samples_per_s": samples_per_s,
-                        # Per device, the figure to hold against a device's peak (MFU).
-                        "perf/tflops_per_device": flops * samples_per_s / world / 1e12,
-                        "perf/data_wait_frac": window_wait / elapsed,
-                        "perf/step_time_s": elapsed / window_steps,
-                        "memory/peak_gib": _peak_memory_gib(),
-                    }
-                )
+            if step % cfg.train.log_every == 0 or step == max_steps or evaluate:
+                perf = window.throughput(ds_config["train_batch_size"], flops, world)
+                metrics = {**window.loss_means(), "optim/lr": lr, "schedule/beta": beta, **perf}
                 if cfg.train.max_nonfinite_skips:
-                    metrics["train/nonfinite_skips"] = float(nonfinite_skips)
+                    metrics["train/nonfinite_skips"] = float(state.nonfinite_skips)
                 if cfg.engine.precision == "fp16":
-                    metrics.update(_loss_scale_metrics(engine))
+                    metrics.update(loss_scale_metrics(engine))
                 if evaluate:
                     # After the window's timing, so evaluation does not count against throughput.
                     metrics.update(evaluation.run(engine.module.model))
@@ -540,39 +321,22 @@ def _train(cfg: PretrainConfig, reporter: Reporter | None, stop: _StopSignals) -
                 if reporter is not None:
                     reporter(metrics, step)
                 last_metrics = metrics
-                sums = dict.fromkeys(LOSS_TERMS, 0.0)
-                window_steps, window_micro, window_wait, window_t0 = 0, 0, 0.0, time.perf_counter()
+                window.reset()
 
-            if panel is not None and (step % cfg.tracking.image_every == 0 or step == cfg.train.max_steps):
+            if panel is not None and (step % cfg.tracking.image_every == 0 or step == max_steps):
                 # Rank 0 alone, no collective inside: the other ranks go on and wait at the next step.
                 image = panel.save(engine.module.model, step, run_dir / "images")
                 if image is not None:
                     tracker.log_artifact(image, "images")
 
             # One small all-reduce per step, so a signal that reached one rank stops them all together.
-            preempted = step < cfg.train.max_steps and distributed.any_rank(stop.received is not None)
-            if (
-                preempted
-                or step == cfg.train.max_steps
-                or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)
-            ):
-                shared = {
-                    "step": step,
-                    # Rank 0's (the state DeepSpeed saves); set late when MLflow was down at the start.
-                    "mlflow_run_id": tracker.run_id,
-                    "nonfinite_skips": nonfinite_skips,
-                    "config_hash": config_hash(cfg),
-                    "config": config_to_dict(cfg),
-                }
-                own = {
-                    "rng": _rng_state(),
-                    "generator": generator.get_state(),
-                    "data": loader.dataset.loader_state(
-                        step * cfg.train.grad_accum_steps, cfg.data.num_workers
-                    ),
-                    "window": {"steps": window_steps, "micro": window_micro, "sums": dict(sums)},
-                }
-                save_checkpoint(engine, cfg, step, shared, own)
+            preempted = step < max_steps and distributed.any_rank(stop.received is not None)
+            every = cfg.train.checkpoint_every
+            if preempted or step == max_steps or (every and step % every == 0):
+                state.run_id = tracker.run_id
+                state.window = window.state_dict()
+                state.data = loader.dataset.loader_state(step * accum, cfg.data.num_workers)
+                save_training_state(engine, cfg, state, generator)
             if preempted:
                 raise Preempted(step, stop.received or "a signal on another rank")
         status = "FINISHED"
@@ -582,11 +346,94 @@ def _train(cfg: PretrainConfig, reporter: Reporter | None, stop: _StopSignals) -
         status = "KILLED"
         raise
     finally:
-        if keys_file is not None:
-            keys_file.close()
+        if keys is not None:
+            keys.close()
         console.close()
         tracker.finish(status)
     return last_metrics
+
+
+def _build_loader(cfg: PretrainConfig, rank: int, world: int, start_batches: int) -> Any:
+    """The view renderer and this rank's loader. Views render where the model computes: on the GPU (torch or
+    DALI) or, without one, in the CPU loader workers."""
+    from pcrl.data import build_loader
+    from pcrl.views import build_renderer
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    views = build_renderer(cfg.views, device or "cpu", cfg.train.micro_batch_size)
+    try:
+        return build_loader(
+            cfg, views, rank=rank, world_size=world, start_batches=start_batches, device=device
+        )
+    except (FileNotFoundError, ValueError) as e:
+        # A wrong path or too few volumes is a user mistake, reported before the run folder exists.
+        raise ConfigError(f"data.shards={cfg.data.shards}: {e}") from None
+
+
+def _check_resume(cfg: PretrainConfig, loader: Any, state: ResumeState, tag: str) -> None:
+    """Refuse a resume whose loader position this launch cannot continue (another worker count), and say
+    where the run stands."""
+    try:
+        loader.dataset.check_loader_state(state.data, cfg.data.num_workers)
+    except ValueError as e:
+        raise ConfigError(f"cannot resume {cfg.run_dir} from {tag}: {e}") from None
+    if distributed.is_main():
+        logger.info("resuming %s from step %d", cfg.run_dir, state.step)
+        if state.step >= cfg.train.max_steps:
+            logger.info(
+                "the run is already at train.max_steps=%d; raise it to train further", cfg.train.max_steps
+            )
+
+
+def _log_start(cfg: PretrainConfig, task: torch.nn.Module, world: int, batch: int, flops: float) -> None:
+    if distributed.is_main():
+        n_params = sum(p.numel() for p in task.model.parameters())
+        logger.info(
+            "run %s: %d process(es), %s, %.2f M parameters, micro-batch %d × accum %d × %d ranks = %d samples/step, "
+            "%.3g GFLOP per sample (forward + backward)",
+            cfg.run_dir,
+            world,
+            cfg.engine.precision,
+            n_params / 1e6,
+            cfg.train.micro_batch_size,
+            cfg.train.grad_accum_steps,
+            world,
+            batch,
+            flops / 1e9,
+        )
+
+
+def _guarded_step(
+    engine: Any,
+    batch: dict[str, Any],
+    beta: float,
+    generator: torch.Generator,
+    step: int,
+    state: ResumeState,
+    max_skips: int,
+) -> dict[str, float] | None:
+    """:func:`train_step` under the ``train.max_nonfinite_skips`` policy: a non-finite loss skips its
+    micro-batch (None) while skips remain, and stops the run naming the count once they are spent."""
+    try:
+        terms = train_step(
+            engine, batch, beta, generator, step, skip_nonfinite=state.nonfinite_skips < max_skips
+        )
+    except NonFiniteLossError as e:
+        if not max_skips:
+            raise
+        raise NonFiniteLossError(
+            f"{e} (after {state.nonfinite_skips} skipped, train.max_nonfinite_skips={max_skips})"
+        ) from None
+    if terms is None:
+        state.nonfinite_skips += 1
+        logger.warning(
+            "the loss is non-finite at step %d; skipped that micro-batch (no gradient from it) "
+            "(%d of train.max_nonfinite_skips=%d)",
+            step + 1,
+            state.nonfinite_skips,
+            max_skips,
+        )
+    return terms
 
 
 def train_step(
@@ -600,11 +447,8 @@ def train_step(
     """One micro-batch: forward, non-finite check on every rank, backward, step (DeepSpeed applies the
     update at the accumulation boundary). Returns the loss terms as floats.
 
-    With ``skip_nonfinite``, a non-finite loss returns None instead: no backward, so the micro-batch adds no
-    gradient, and the buffers its forward changed (BatchNorm running statistics, now NaN) are put back.
-    When accumulating, DeepSpeed still gets a backward of zero and its step, so its accumulation boundary
-    (and gradient all-reduce) stays in line with ours and the step's other micro-batches update; with one
-    micro-batch per step nothing is called, so the step changes nothing in the model.
+    With ``skip_nonfinite``, a non-finite loss returns None instead: the micro-batch adds no gradient and the
+    buffers its forward changed (BatchNorm statistics) are put back.
 
     Raises:
         NonFiniteLossError: the loss is NaN/inf on any rank (and ``skip_nonfinite`` is false), before the

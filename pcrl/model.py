@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+if TYPE_CHECKING:
+    from pcrl.config import ModelConfig
 
 __all__ = [
     "NORMS",
@@ -31,6 +34,7 @@ __all__ = [
     "PCRLv2UNet",
     "ScaleFeatures",
     "ScaleHeads",
+    "build_model",
     "encoder_stages",
     "frozen_buffers",
 ]
@@ -401,3 +405,10 @@ class PCRLv2Encoder(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         """The bottleneck only: (B, 2·base·2^(depth-1), X/2^(depth-1), Y/2^(depth-1), Z/2^(depth-1))."""
         return self(x)[-1]
+
+
+def build_model(cfg: ModelConfig) -> PCRLv2UNet:
+    """The U-Net a run's ``model`` section describes (one input channel). With ``norm=sync_batch`` it holds
+    plain BatchNorm3d: the engine converts its own copy for a multi-process run, and every other copy (an
+    evaluator's, the reconstruction panel's) must never synchronise."""
+    return PCRLv2UNet(in_channels=1, base_channels=cfg.base_channels, depth=cfg.depth, norm=cfg.norm)

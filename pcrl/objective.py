@@ -25,12 +25,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pcrl.model import PCRLv2Output, PCRLv2UNet, ScaleFeatures, frozen_buffers
+from pcrl.model import PCRLv2Output, PCRLv2UNet, ScaleFeatures, build_model, frozen_buffers
 
 if TYPE_CHECKING:
-    from pcrl.config import ObjectiveConfig
+    from pcrl.config import ObjectiveConfig, PretrainConfig
 
-__all__ = ["PCRLv2Objective", "PCRLv2Task", "SiameseCosineLoss", "beta_schedule"]
+__all__ = [
+    "LOSS_TERMS",
+    "PCRLv2Objective",
+    "PCRLv2Task",
+    "SiameseCosineLoss",
+    "beta_schedule",
+    "build_task",
+]
+
+# The loss terms of the objective's output: the weighted total, then the raw terms.
+LOSS_TERMS = ("loss", "restore", "multiscale", "global", "local")
 
 
 def beta_schedule(step: int, total_steps: int, kind: str = "cosine") -> float:
@@ -333,3 +343,21 @@ class PCRLv2Task(nn.Module):
         with frozen_buffers(self.model) if keep_stats else contextlib.nullcontext():
             out_local = self.model(locals_jmajor, local=True)
         return self.objective(out1, out2, out_local, global_targets, beta, generator)
+
+
+def build_task(
+    cfg: PretrainConfig, world: int = 1, activation_checkpointing: bool | None = None
+) -> PCRLv2Task:
+    """The model and objective a run trains, as the DeepSpeed engine wraps them.
+
+    Args:
+        cfg: the resolved config.
+        world: processes in the run; with ``model.norm=sync_batch`` and more than one, BatchNorm syncs.
+        activation_checkpointing: overrides ``model.activation_checkpointing`` (FLOP counting turns it off).
+    """
+    model = build_model(cfg.model)
+    if cfg.model.norm == "sync_batch" and world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.model.activation_checkpointing if activation_checkpointing is None else activation_checkpointing:
+        model.enable_activation_checkpointing()
+    return PCRLv2Task(model, PCRLv2Objective.from_config(cfg.objective), cfg.model.bn_stats)

@@ -120,11 +120,11 @@ def test_stop_signals_only_set_a_flag_and_are_restored() -> None:
     import os
     import signal
 
-    from pcrl.engine import _StopSignals
+    from pcrl.engine import StopSignals
 
     before = signal.getsignal(signal.SIGTERM)
     for sig in (signal.SIGUSR1, signal.SIGTERM):
-        stop = _StopSignals()
+        stop = StopSignals()
         stop.install()
         try:
             assert stop.received is None

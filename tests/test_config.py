@@ -19,7 +19,7 @@ from pcrl.config import (
     save_config,
 )
 from pcrl.distributed import deepspeed_config
-from pcrl.engine import lr_schedule
+from pcrl.optim import lr_schedule
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))

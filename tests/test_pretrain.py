@@ -125,7 +125,7 @@ def test_flops_per_sample_counts_the_real_step_without_running_it() -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     from pcrl.config import load_config
-    from pcrl.engine import flops_per_sample
+    from pcrl.metrics import flops_per_sample
     from pcrl.model import PCRLv2UNet
     from pcrl.objective import PCRLv2Objective, PCRLv2Task
 
