@@ -89,7 +89,9 @@ def union_box(a: Box, b: Box) -> Box:
 def draw_box_starts(
     shape: np.ndarray, sizes: np.ndarray, border: np.ndarray, rng: np.random.Generator
 ) -> np.ndarray:
-    """Starts for boxes of ``sizes`` (..., 3), uniform between margins shrunk to fit the volume."""
+    """(..., 3) starts of boxes of ``sizes`` (..., 3), already clamped to the volume ``shape`` (3,): uniform
+    with a margin of ``border`` (3,) voxels from each edge, shrunk to ``(shape - size) // 2`` where the volume
+    is too small for it."""
     slack = shape - sizes  # >= 0: sizes are already clamped to the volume
     margin = np.minimum(border, slack // 2)
     return rng.integers(margin, slack - margin + 1)
