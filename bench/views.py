@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pcrl.config import ViewsConfig
 from pcrl.data import read_manifest, read_volume, threshold_to_unit, to_unit_range
-from pcrl.views import PCRLv2Views, ViewPlan, collate_draws
+from pcrl.views import DALISpatial, PCRLv2Views, ViewPlan, collate_draws, dali_available
 
 VARIANTS = ("torchio", "torch_cpu", "dali_cpu", "torch_gpu", "dali_gpu")
 
@@ -183,10 +183,9 @@ def main() -> None:
     dali = {}
 
     def run_dali(i: int, device_id: int | None = None) -> int:
-        from pcrl.dali import DALIViews
-
         if device_id not in dali:
-            dali[device_id] = DALIViews(cfg, device_id=device_id, max_batch_size=b, num_threads=1)
+            spatial = DALISpatial(device_id=device_id, max_batch_size=b, num_threads=1)
+            dali[device_id] = PCRLv2Views(cfg, spatial)
         # as the loader feeds it: the list of float32 crops on a CPU, the packed pinned batch on a GPU
         dali[device_id].render(batch_of(i, False) if device_id is None else gpu_batches[i % len(gpu_batches)])
         return b
@@ -205,8 +204,6 @@ def main() -> None:
         variants["dali_gpu"] = lambda: rate(
             lambda i: run_dali(i, 0), args.gpu_samples, sync=True, warmup=warm
         )
-    from pcrl.dali import dali_available
-
     if not dali_available():
         for name in [n for n in wanted if n.startswith("dali")]:
             print(

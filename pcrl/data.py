@@ -849,7 +849,7 @@ def build_loader(
     workers' own RNGs are seeded from ``(run.seed, rank)``; the views never draw from them (each sample has
     its own seed), and the training process's global RNG is left untouched.
 
-    With a :class:`pcrl.views.PCRLv2Views` (or ``pcrl.dali.DALIViews``) as ``transform``, whole batches are
+    With a :class:`pcrl.views.PCRLv2Views` (torch or DALI spatial backend) as ``transform``, whole batches are
     rendered at once: in the workers on a CPU ``device`` (default), or in this process on a GPU or by DALI,
     through a :class:`ViewLoader`. Other transforms render per sample in the workers.
 
@@ -880,21 +880,21 @@ def build_loader(
     )
     collate: Callable[[Sequence[dict[str, Any]]], dict[str, Any]] = collate_views
     render_here = False
-    from pcrl.views import PCRLv2Views, collate_draws
+    from pcrl.views import PCRLv2Views, TorchSpatial, collate_draws
 
     if isinstance(transform, PCRLv2Views):
         # Workers decode, draw each sample's geometry and cut its regions; whole batches are rendered at once:
         # by the torch renderer in the worker on a CPU, or here (a GPU, or DALI) from pinned regions.
         device = torch.device(device if device is not None else "cpu")
         stream.transform = transform.draw
-        render_here = device.type != "cpu" or type(transform) is not PCRLv2Views
+        render_here = device.type != "cpu" or not isinstance(transform.spatial, TorchSpatial)
         # A GPU gets the packed float16 regions of pack_regions; DALI on a CPU gets the list of crops.
         collate = (
             functools.partial(collate_draws, pack=device.type != "cpu") if render_here else transform.collate
         )
         if not render_here:
             # compiles the CPU renderer's kernels once here, before the workers fork, not in every worker
-            importlib.import_module("pcrl.cpu_kernels")
+            importlib.import_module("pcrl.views.cpu_kernels")
     loader = torch.utils.data.DataLoader(
         stream,
         batch_size=cfg.train.micro_batch_size,

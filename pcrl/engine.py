@@ -146,7 +146,7 @@ def _check_runtime(cfg: PretrainConfig, world: int) -> None:
             "fall back to a slow kernel; engine.precision=fp32 is much faster here"
         )
     if cfg.views.backend == "dali":
-        from pcrl.dali import dali_available
+        from pcrl.views import dali_available
 
         if not dali_available():
             raise ConfigError(

@@ -1,4 +1,4 @@
-"""The DALI renderer (pcrl.dali) in DALI's CPU mode (device_id=None) against the torch renderer."""
+"""The DALI spatial backend (pcrl.views.dali) in DALI's CPU mode (device_id=None) against the torch one."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import torch
 
 from pcrl.config import DataConfig, PretrainConfig, RunConfig, TrainConfig
 from pcrl.data import ViewLoader, build_loader
-from pcrl.views import PCRLv2Views, _blur, build_renderer, collate_draws
+from pcrl.views import DALISpatial, PCRLv2Views, TorchSpatial, build_renderer, collate_draws
+from pcrl.views.ops import blur
 from tests.test_views import smooth_volume, tiny_cfg
 
 pytest.importorskip("nvidia.dali")
-from pcrl.dali import DALIViews
 
 # Trilinear resampling in DALI and in grid_sample agree to float rounding (measured ~1e-5 on [0, 1] data).
 SPATIAL_TOL = 1e-4
@@ -33,12 +33,12 @@ def test_dali_spatial_and_blur_match_torch_for_the_same_draws(volume):
     interpolation tolerance (catches a wrong axis order, half-voxel offset or matrix convention), and DALI's
     blur equals the torch blur away from the faces (catches a sigma axis order swap)."""
     cfg = tiny_cfg()
-    torch_views, dali_views = PCRLv2Views(cfg), DALIViews(cfg, device_id=None, max_batch_size=4)
+    torch_views, dali_spatial = PCRLv2Views(cfg), DALISpatial(device_id=None, max_batch_size=4)
     batch = collate_draws([torch_views.draw(volume, s, None) for s in range(4)])
     ref = torch_views.render(batch)
-    targets, blurred_g, locals_, blurred_l = dali_views.render_spatial(batch)
+    targets, blurred_g, locals_, blurred_l = dali_spatial.render_spatial(batch, cfg)
     torch.testing.assert_close(targets[:, :, None], ref["global_targets"], atol=SPATIAL_TOL, rtol=0)
-    ref_blur = _blur(targets.flatten(0, 1), batch["sigma"][:, :2].reshape(-1, 3).numpy()).view_as(targets)
+    ref_blur = blur(targets.flatten(0, 1), batch["sigma"][:, :2].reshape(-1, 3).numpy()).view_as(targets)
     r = int(np.ceil(3 * cfg.blur_sigma[1]))
     inner = (..., slice(r, -r), slice(r, -r), slice(r, -r))
     assert (ref_blur - blurred_g).abs().max() > 1e-3  # the faces differ, so the interior check has teeth
@@ -50,7 +50,7 @@ def test_dali_views_without_blur_equal_torch_views(volume):
     """Pins the whole sample: with the blur off (its faces are the only known difference) the DALI batch
     dict equals the torch one: same keys and shapes, views after noise/gamma/swap/z-norm within tolerance."""
     cfg = tiny_cfg(blur_sigma=(0.0, 0.0))
-    t, d = PCRLv2Views(cfg), DALIViews(cfg, device_id=None, max_batch_size=3)
+    t, d = PCRLv2Views(cfg), PCRLv2Views(cfg, DALISpatial(device_id=None, max_batch_size=3))
     batch = collate_draws([t.draw(volume, s, None) for s in range(3)])
     a, b = t.render(batch), d.render(batch)
     assert a.keys() == b.keys()
@@ -64,7 +64,7 @@ def test_dali_padding_outside_the_volume_matches_torch():
     both renderers (DALI fills 0, corrected afterwards)."""
     cfg = tiny_cfg(scale_range=(0.5, 0.5), border=(0, 0, 0), blur_sigma=(0.0, 0.0))
     vol = 0.5 + 0.5 * smooth_volume((40, 40, 24))
-    t, d = PCRLv2Views(cfg), DALIViews(cfg, device_id=None, max_batch_size=4)
+    t, d = PCRLv2Views(cfg), PCRLv2Views(cfg, DALISpatial(device_id=None, max_batch_size=4))
     batch = collate_draws([t.draw(vol, s, None) for s in range(4)])
     assert bool(batch["outside"].any())
     a, b = t.render(batch), d.render(batch)
@@ -75,7 +75,7 @@ def test_dali_statistics_over_many_draws_agree_with_torch(volume):
     """Pins distribution-level agreement over many draws (full recipe, blur included): mean intensity of
     the targets and the spread of the degraded views agree, and the boxes are the sampler's."""
     cfg = tiny_cfg()
-    t, d = PCRLv2Views(cfg), DALIViews(cfg, device_id=None, max_batch_size=8)
+    t, d = PCRLv2Views(cfg), PCRLv2Views(cfg, DALISpatial(device_id=None, max_batch_size=8))
     stats = {"torch": [], "dali": []}
     for start in range(0, 32, 8):
         batch = collate_draws([t.draw(volume, s, None) for s in range(start, start + 8)])
@@ -97,11 +97,15 @@ def test_build_renderer_backends():
     """Pins views.backend: torch → torch renderer, dali → DALI (CPU mode here), auto → torch on a CPU and on a
     GPU even with DALI installed (as here): torch measured faster on both (bench/views.py, README)."""
     cfg = tiny_cfg()
-    assert type(build_renderer(cfg, "cpu", 2)) is PCRLv2Views
+    torch_renderer = build_renderer(cfg, "cpu", 2)
+    assert type(torch_renderer) is PCRLv2Views and type(torch_renderer.spatial) is TorchSpatial
     for device in ("cpu", "cuda"):  # building a torch renderer touches no device
-        assert type(build_renderer(dataclasses.replace(cfg, backend="auto"), device, 2)) is PCRLv2Views
+        auto = build_renderer(dataclasses.replace(cfg, backend="auto"), device, 2)
+        assert type(auto) is PCRLv2Views and type(auto.spatial) is TorchSpatial
     dali = build_renderer(dataclasses.replace(cfg, backend="dali"), "cpu", 2)
-    assert isinstance(dali, DALIViews) and dali.device_id is None
+    assert (
+        type(dali) is PCRLv2Views and isinstance(dali.spatial, DALISpatial) and dali.spatial.device_id is None
+    )
 
 
 def test_dali_loader_resumes_exactly(sample_shards: Path):

@@ -12,25 +12,15 @@ import torch
 import torch.nn.functional as F
 
 from pcrl.config import ViewsConfig
-from pcrl.cpu_kernels import resample_affine
 from pcrl.views import (
     Box,
     PCRLv2Views,
     SpatialParams,
     TissueIntegral,
-    _blur,
-    _blur_by_matrices,
-    _draw_boxes,
-    _grid,
-    _pad_stack,
-    _resample,
-    _swap_in_place,
-    _swap_permutation,
     box_iou,
     collate_draws,
     pack_regions,
     region_list,
-    render_views,
     sample_global_pair,
     sample_local_boxes,
     sample_spatial_params,
@@ -38,6 +28,17 @@ from pcrl.views import (
     union_box,
     view_affines,
 )
+from pcrl.views.cpu_kernels import resample_affine
+from pcrl.views.geometry import draw_box_starts
+from pcrl.views.ops import (
+    blur,
+    blur_by_matrices,
+    pad_stack,
+    resample,
+    sampling_grid,
+    swap_in_place,
+)
+from tests.view_oracles import render_views, swap_permutation
 
 SHAPE = (80, 80, 48)
 SEEDS = range(200)
@@ -268,7 +269,7 @@ def test_tissue_filter_selects_like_the_sequential_rule(shape):
     for seed in range(40):
         rng = np.random.default_rng(seed)
         sizes = np.minimum(table[rng.integers(0, len(table), size=(cfg.max_tries, 2))], shape)
-        starts = _draw_boxes(np.asarray(shape), sizes, np.asarray(cfg.border), rng)
+        starts = draw_box_starts(np.asarray(shape), sizes, np.asarray(cfg.border), rng)
         pairs = [
             tuple(Box(tuple(s), tuple(z)) for s, z in zip(st, sz, strict=True))
             for st, sz in zip(starts, sizes, strict=True)
@@ -376,7 +377,7 @@ def test_render_grid_matches_affine_grid():
         torch.tensor([1.0, 2.0, 0.0], dtype=torch.float64),
         torch.tensor([30.0, 25.0, 20.0], dtype=torch.float64),
     )
-    grid = _grid(affines, out_size, origin, extent, torch.device("cpu"))
+    grid = sampling_grid(affines, out_size, origin, extent, torch.device("cpu"))
     # theta in (x, y, z) order maps normalised output v to normalised input: w = K diag(n)/2 v + (K n/2 + k0)
     n = torch.tensor(out_size, dtype=torch.float64)
     k = 2.0 * affines[..., :3] / extent[:, None]
@@ -402,7 +403,7 @@ def test_render_out_of_volume_takes_box_minimum():
 
 
 def test_cpu_resampler_equals_grid_sample():
-    """Pins the CPU renderer's resampler (:mod:`pcrl.cpu_kernels`, a list of regions) against ``grid_sample``
+    """Pins the CPU renderer's resampler (:mod:`pcrl.views.cpu_kernels`, a list of regions) against ``grid_sample``
     (the GPU path, a stacked batch) on the same draws: strong rotations, flips on every axis, zoom in and
     out, views reaching outside the volume (the pad fill), regions that are strided slices of their volume,
     and float16 crops. Both are trilinear with the same convention, so they agree to float rounding."""
@@ -421,8 +422,8 @@ def test_cpu_resampler_equals_grid_sample():
                 batch[f"{name}_pad"],
                 size,
             )
-            cpu = _resample(regions, *args)
-            ref = _resample(_pad_stack([r.to(torch.float32) for r in regions]), *args)
+            cpu = resample(regions, *args)
+            ref = resample(pad_stack([r.to(torch.float32) for r in regions]), *args)
             assert cpu.shape == ref.shape == (8, *batch[f"{name}_affines"].shape[1:2], *size)
             torch.testing.assert_close(cpu, ref, atol=2e-5, rtol=0)
 
@@ -451,8 +452,8 @@ def test_resample_affine_hand_computed():
 # --- intensity -------------------------------------------------------------------------------------
 
 
-# the CPU kernel (what _blur runs on a CPU) and the banded matrices (what it runs on a GPU)
-BLURS = pytest.mark.parametrize("blur", [_blur, _blur_by_matrices], ids=["cpu_kernel", "matrices"])
+# the CPU kernel (what blur runs on a CPU) and the banded matrices (what it runs on a GPU)
+BLURS = pytest.mark.parametrize("blur", [blur, blur_by_matrices], ids=["cpu_kernel", "matrices"])
 
 
 @BLURS
@@ -493,7 +494,7 @@ def test_swap_permutation_equals_sequential_swaps_and_preserves_values():
     """Pins the vectorised patch swap: one gather equals 100 sequential swaps, and it only permutes voxels."""
     size, patch, count = (16, 12, 8), (4, 2, 2), 100
     rng = np.random.default_rng(0)
-    src = _swap_permutation(size, patch, count, 2, rng)
+    src = swap_permutation(size, patch, count, 2, rng)
     x = torch.rand(2, *size, generator=torch.Generator().manual_seed(0))
     out = x.reshape(2, -1).gather(1, torch.from_numpy(src)).view_as(x)
     # redo the same swaps one by one on the data (same draws from a fresh generator)
@@ -513,7 +514,7 @@ def test_swap_permutation_equals_sequential_swaps_and_preserves_values():
     assert torch.equal(out.reshape(2, -1).sort(1).values, x.reshape(2, -1).sort(1).values)
     # the CPU renderer swaps the data itself, in place: the same result
     corners = torch.from_numpy(np.stack([first, second], 2))
-    assert torch.equal(_swap_in_place(x.clone(), corners, size, patch), ref)
+    assert torch.equal(swap_in_place(x.clone(), corners, size, patch), ref)
 
 
 # --- the whole sample ------------------------------------------------------------------------------

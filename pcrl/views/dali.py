@@ -1,28 +1,28 @@
-"""The PCRLv2 views rendered by an NVIDIA DALI pipeline (``views.backend: dali``), on the GPU or, for CI, the CPU.
+"""The spatial backend of the PCRLv2 views in an NVIDIA DALI pipeline (``views.backend: dali``), on the GPU or,
+for CI, the CPU: ``PCRLv2Views(cfg, DALISpatial(device_id=0))``.
 
 What DALI does and what it does not:
 
 * **Geometry and random draws** come from :meth:`pcrl.views.PCRLv2Views.draw`, the same sampler as the torch
   path (crop boxes, tissue filter, flip/scale/rotation affines, blur sigmas, noise seeds, swap corners): the
   geometry rules live in one place, and a sample is a pure function of its seed whatever the backend.
-* **Spatial rendering and blur** run in DALI: each view is one ``fn.warp_affine`` (trilinear, the view's
-  affine map, DHWC layout) of the sample's volume region, then ``fn.gaussian_blur`` with the view's per-axis
-  sigma and the torch path's window ``2·ceil(3σ)+1``.
+* **Spatial rendering and blur** run in DALI (:class:`DALISpatial`): each view is one ``fn.warp_affine``
+  (trilinear, the view's affine map, DHWC layout) of the sample's volume region, then ``fn.gaussian_blur`` with
+  the view's per-axis sigma and the torch path's window ``2·ceil(3σ)+1``.
 * **Noise, gamma, patch swap and z-normalisation** run in torch on the DALI outputs, on the same device
-  (:meth:`pcrl.views.PCRLv2Views._finish`): DALI's noise generator advances per pipeline run, not per sample,
+  (:func:`pcrl.views.render.finish_views`): DALI's noise generator advances per pipeline run, not per sample,
   so a resumed run could not reproduce it; torch draws each sample's noise from its own seed, which keeps
   the resumed stream identical to the uninterrupted one. The swap is a gather DALI does not have.
 
-**Reader: external source, not ``readers.webdataset`` (measured on CPU, reasoned for the GPU).** Shards hold
-zstd-compressed ``.npy`` volumes and DALI 2.4 has no zstd decoder (``decoders.inflate`` is GPU-only and
-knows LZ4 and deflate, not zstd), so the webdataset reader could only hand raw bytes to a Python
-``fn.python_function`` that decodes them one at a time under the GIL, and the sampler (which needs the decoded
-volume for the tissue filter) would run there too. Instead the torch DataLoader workers of
-:func:`pcrl.data.build_loader` decode in parallel processes, draw each sample's geometry and cut the regions its
-views read (a few MB, not the whole volume); the batch arrives here through ``fn.external_source`` (pinned on a
-GPU machine). Measured here on CPU: reading and decoding one 321×321×305 CT volume took 1.2 s on a heavily
-loaded 2-core machine, so one decoding process is the bottleneck and N workers give N times that, whereas a python_function inside DALI is one process;
-the exact resume of the loader (worker positions, per-sample seeds) also carries over unchanged.
+**Reader: external source, not ``readers.webdataset``.** Shards hold zstd-compressed ``.npy`` volumes and DALI
+2.4 has no zstd decoder (``decoders.inflate`` is GPU-only and knows LZ4 and deflate, not zstd), so the
+webdataset reader could only hand raw bytes to a Python ``fn.python_function`` that decodes them one at a time
+under the GIL, and the sampler (which needs the decoded volume for the tissue filter) would run there too.
+Instead the torch DataLoader workers of :func:`pcrl.data.build_loader` decode in parallel processes, draw each
+sample's geometry and cut the regions its views read (a few MB, not the whole volume); the batch arrives here
+through ``fn.external_source`` (pinned on a GPU machine). Decoding is the slow part of reading a volume, so one
+decoding process would be the bottleneck where N workers decode N volumes at a time; the exact resume of the
+loader (worker positions, per-sample seeds) also carries over unchanged.
 
 DALI is imported lazily: ``import pcrl`` works without it, and asking for ``views.backend: dali`` without it
 installed is an error that names the extra to install.
@@ -38,9 +38,9 @@ import torch
 from torch import Tensor
 
 from pcrl.config import ViewsConfig
-from pcrl.views import PCRLv2Views, _grid, _outside_fill, blur_window, region_list
+from pcrl.views.ops import SpatialViews, add_outside_fill, blur, blur_window, region_list
 
-__all__ = ["DALIViews", "dali_available", "require_dali"]
+__all__ = ["DALISpatial", "dali_available", "require_dali"]
 
 
 def dali_available() -> bool:
@@ -73,42 +73,40 @@ def _dali_affine(affines: Tensor, origin: Tensor) -> np.ndarray:
     return torch.cat([m, t[..., None]], -1).to(torch.float32).numpy()
 
 
-class DALIViews(PCRLv2Views):
-    """PCRLv2 views rendered by DALI: the same draws, sampler and output batch as :class:`PCRLv2Views`.
+class DALISpatial:
+    """The spatial steps and the blur of the PCRLv2 views by a DALI pipeline: the spatial backend of
+    :class:`pcrl.views.PCRLv2Views` for ``views.backend: dali``, rendering the same draws into the same views.
 
     Args:
-        cfg: the views config.
         device_id: CUDA device to render on, or None for DALI's CPU mode (CI, machines without a GPU).
-        max_batch_size: the largest batch :meth:`render` will be given.
+        max_batch_size: the largest batch :meth:`render_spatial` will be given.
         num_threads: DALI's CPU worker threads.
 
     Raises:
         ImportError: DALI is not installed (names the extra).
     """
 
-    def __init__(
-        self, cfg: ViewsConfig, device_id: int | None = None, max_batch_size: int = 32, num_threads: int = 2
-    ) -> None:
+    def __init__(self, device_id: int | None = None, max_batch_size: int = 32, num_threads: int = 2) -> None:
         require_dali()
-        super().__init__(cfg)
         self.device_id = device_id
         self.max_batch_size = max_batch_size
         self.num_threads = num_threads
         self._pipe: Any = None
+        self._pipe_shape: tuple[Any, ...] | None = None  # the view sizes and count the pipeline was built for
 
     def __getstate__(self) -> dict[str, Any]:
         # a built pipeline holds native handles: a copy (e.g. in a loader worker) builds its own
-        return {**self.__dict__, "_pipe": None}
+        return {**self.__dict__, "_pipe": None, "_pipe_shape": None}
 
     @property
     def device(self) -> torch.device:
         """Where the rendered views are."""
         return torch.device("cpu") if self.device_id is None else torch.device("cuda", self.device_id)
 
-    def _build(self) -> Any:
+    def _build(self, cfg: ViewsConfig) -> Any:
         from nvidia.dali import fn, pipeline_def, types
 
-        cfg, gpu = self.cfg, self.device_id is not None
+        gpu = self.device_id is not None
 
         def views(region: Any, name: str, count: int, size: Sequence[int]) -> list[Any]:
             outs = []
@@ -150,35 +148,30 @@ class DALIViews(PCRLv2Views):
         pipe.build()
         return pipe
 
-    def render(self, batch: dict[str, Any], device: torch.device | str | None = None) -> dict[str, Any]:
-        """Render a batch of draws (:func:`pcrl.views.collate_draws`) with DALI on :attr:`device`.
-
-        Returns the same dict as :meth:`PCRLv2Views.render`; ``device`` must be None or :attr:`device`.
-        """
-        if device is not None and torch.device(device) != self.device:
-            raise ValueError(f"this DALI pipeline renders on {self.device}, not {device}")
-        targets, blurred_g, locals_, blurred_l = self.render_spatial(batch)
-        if self.device.type == "cpu" and not torch.isfinite(targets.sum() + locals_.sum()):
-            shapes = sorted({tuple(s) for s in batch["volume_shape"].tolist()})
-            raise ValueError(f"volume of shape {shapes} holds NaN or Inf values in the sampled region")
-        return self._finish(batch, targets, blurred_g, blurred_l)
-
-    def render_spatial(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The DALI part of :meth:`render`: global targets (B, 2, gx, gy, gz) and their blur, local views
-        (B, L, lx, ly, lz) and their blur, on :attr:`device`.
+    def render_spatial(
+        self, batch: dict[str, Any], cfg: ViewsConfig, device: torch.device | str | None = None
+    ) -> SpatialViews:
+        """The spatial views of a batch of draws (:func:`pcrl.views.collate_draws`) and their blur, by DALI on
+        :attr:`device`; ``device`` must be None or :attr:`device`.
 
         The blur's border handling is DALI's (mirrored without repeating the edge voxel, ``reflect 101``)
         where the torch path mirrors with it (scipy ``reflect``): the two agree exactly inside, more than
         ``ceil(3σ)`` voxels from a face, and differ slightly at the faces.
+
+        Raises:
+            ValueError: ``device`` is another device, or the batch is larger than ``max_batch_size``.
         """
+        if device is not None and torch.device(device) != self.device:
+            raise ValueError(f"this DALI pipeline renders on {self.device}, not {device}")
         b = len(batch["noise_seed"])
         if b > self.max_batch_size:
             raise ValueError(
                 f"a batch of {b} samples is larger than the DALI pipeline's max_batch_size {self.max_batch_size}"
             )
-        if self._pipe is None:
-            self._pipe = self._build()
-        cfg, pipe = self.cfg, self._pipe
+        shape = (tuple(cfg.global_size), tuple(cfg.local_size), cfg.num_locals)
+        if self._pipe is None or self._pipe_shape != shape:
+            self._pipe, self._pipe_shape = self._build(cfg), shape
+        pipe = self._pipe
         sigma = batch["sigma"].cpu().numpy()  # (B, 2+L, 3) in (x, y, z)
         window = blur_window(sigma).astype(np.int32)
         n_views = {"global": 2, "local": cfg.num_locals}
@@ -211,37 +204,27 @@ class DALIViews(PCRLv2Views):
             # the same correction, added to both the targets and (blurred by the pipeline) the views
             for name, spatial, blurred in (("global", targets, blurred_g), ("local", locals_, blurred_l)):
                 self._pad_outside(batch, name, spatial, blurred)
-        return targets, blurred_g, locals_, blurred_l
+        return SpatialViews(targets, blurred_g, locals_, blurred_l)
 
-    def _pad_outside(self, batch: dict[str, Any], name: str, spatial: Tensor, blurred: Tensor) -> None:
-        """Add ``pad · (1 - coverage)`` to views that reach outside their volume (in place)."""
-        from pcrl.views import _blur
-
-        size = self.cfg.global_size if name == "global" else self.cfg.local_size
-        b, v = spatial.shape[:2]
-        pads = batch[f"{name}_pad"].reshape(-1).cpu()
-        rows = torch.nonzero(~torch.isnan(pads))[:, 0]
+    @staticmethod
+    def _pad_outside(batch: dict[str, Any], name: str, spatial: Tensor, blurred: Tensor) -> None:
+        """Add ``pad · (1 - coverage)`` to the ``name`` views (B, V, ...) that reach outside their volume, and its
+        blur to their blurred views (the blur is linear: blur(x + fill) = blur(x) + blur(fill)), in place."""
+        b, v, *size = spatial.shape
+        rows, fill = add_outside_fill(
+            spatial.view(b * v, *size),
+            batch[f"{name}_affines"].reshape(b * v, 3, 4),
+            batch["origin"].to(torch.float64).repeat_interleave(v, 0),
+            batch["volume_shape"].repeat_interleave(v, 0),
+            batch[f"{name}_pad"].reshape(-1),
+            torch.ones(3, dtype=torch.float64),  # no region: the grid is built in volume coordinates
+        )
         if len(rows) == 0:
             return
-        origin = batch["origin"].to(torch.float64).repeat_interleave(v, 0)[rows]
-        extent = torch.ones(3, dtype=torch.float64)
-        affines = batch[f"{name}_affines"].reshape(b * v, 3, 4)[rows]
-        grid = _grid(affines, size, origin, extent, spatial.device)
-        fill = _outside_fill(
-            grid,
-            origin.to(spatial.device, torch.float32, non_blocking=True),
-            extent.to(spatial.device, torch.float32, non_blocking=True),
-            batch["volume_shape"]
-            .repeat_interleave(v, 0)[rows]
-            .to(spatial.device, torch.float32, non_blocking=True),
-            pads[rows].to(spatial.device, non_blocking=True),
-        )
         first = 0 if name == "global" else 2
         sigma = batch["sigma"].cpu().numpy()[:, first : first + v].reshape(-1, 3)[rows.numpy()]
         on_device = rows.to(spatial.device, non_blocking=True)
-        spatial.view(b * v, *size).index_add_(0, on_device, fill)
-        # blur is linear: blur(x + fill) = blur(x) + blur(fill)
-        blurred.view(b * v, *size).index_add_(0, on_device, _blur(fill, sigma))
+        blurred.view(b * v, *size).index_add_(0, on_device, blur(fill, sigma))
 
     def _to_torch(self, out: Any) -> Tensor:
         tensor = out.as_tensor()

@@ -1,7 +1,7 @@
 """The CPU renderer's two hot loops, compiled by numba: trilinear resampling under affine maps, and the
 separable Gaussian blur.
 
-They replace, on a CPU core, what :mod:`pcrl.views` does with ``grid_sample`` and batched matrix products on a
+They replace, on a CPU core, what :mod:`pcrl.views.ops` does with ``grid_sample`` and batched matrix products on a
 GPU (the tests hold each pair to float rounding of each other):
 
 * PyTorch's 3D CPU ``grid_sample`` is a scalar kernel that also needs a grid of three coordinates per output
@@ -14,7 +14,7 @@ GPU (the tests hold each pair to float rounding of each other):
 ``bench/views.py`` measures the whole renderer against the torchio baseline. The kernels are compiled on first
 import of this module (a few seconds, then loaded from numba's disk cache: beside this file, under
 ``NUMBA_CACHE_DIR``, or a per-user cache where the package is read-only; with none writable each process
-compiles them), one specialisation each, ``nogil``. :mod:`pcrl.views` imports it on its first CPU batch; the
+compiles them), one specialisation each, ``nogil``. :mod:`pcrl.views.ops` imports it on its first CPU batch; the
 loader imports it before its workers fork, so that they inherit the compiled code.
 """
 
