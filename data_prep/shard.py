@@ -24,6 +24,10 @@ written last, so a folder with a manifest is a complete shard set. ``summary.jso
 the inputs and options: a re-run of the same job writes nothing, and a killed job resumes from
 ``journal.jsonl``, whose entries are flushed only when the shard (or Zarr array) holding them is complete.
 
+The stages live in :mod:`data_prep.discover` (finding volumes and DICOM series), :mod:`data_prep.prepare`
+(one volume, in the workers) and :mod:`data_prep.writer` (shards, journal, resume, ``summary.json``); this
+module holds the job and the CLI, :mod:`data_prep.options` its options.
+
 Exit codes: 0 done, 2 usage error, 3 more rejects than ``--max-reject-fraction`` (outputs still written),
 1 a local worker process died (out of memory?); completed shards are kept for the re-run.
 """
@@ -72,8 +76,8 @@ _RUN_ONLY_OPTIONS = ("workers", "ray", "progress", "overwrite", "max_reject_frac
 
 
 def fingerprint(paths: Sequence[Path], opts: ShardOptions) -> str:
-    """Identify a job by its input files (path, size, mtime: every file :func:`list_files` finds, the same
-    set a :class:`Discovery` accounts for) and output-relevant options."""
+    """Identify a job by its input files (path, size, mtime: every file :func:`~data_prep.discover.list_files`
+    finds, the same set a :class:`~data_prep.discover.Discovery` accounts for) and output-relevant options."""
     h = hashlib.sha256()
     options = {k: v for k, v in dataclasses.asdict(opts).items() if k not in _RUN_ONLY_OPTIONS}
     # 4 and 4.0 MB are the same job (the CLI gives floats, Python callers often ints).
@@ -121,10 +125,10 @@ def shard_volumes(inputs: Sequence[Path], output: Path, **options: Any) -> Summa
     Args:
         inputs: files and/or folders (searched recursively for NIfTI/NRRD/MetaImage files).
         output: the shard folder to create.
-        **options: fields of :class:`ShardOptions`.
+        **options: fields of :class:`~data_prep.options.ShardOptions`.
 
     Returns:
-        The :class:`Summary`; check ``summary.too_many_rejects`` (the CLI exits 3 on it).
+        The :class:`~data_prep.writer.Summary`; check ``summary.too_many_rejects`` (the CLI exits 3 on it).
 
     Raises:
         FileNotFoundError: an input does not exist or no volume file is found.
@@ -405,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run the imported module's main so worker processes unpickle data_prep.shard.*, not __main__.*.
+    # Run the imported module's main, so that nothing sent to worker processes is pickled as __main__.*.
     from data_prep.shard import main as _main
 
     sys.exit(_main())
