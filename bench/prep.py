@@ -37,7 +37,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_prep.fetch import fetch_samples, image_names
-from data_prep.shard import output_shape, shard_volumes
+from data_prep.prepare import output_shape
+from data_prep.shard import shard_volumes
 
 
 def naive(paths: list[Path], out: Path, spacing: tuple[float, float, float]) -> None:

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep.prepare import detect_modality, intensity_policy, resample
 from data_prep.readers import load_volume
-from data_prep.shard import _intensity, _modality, resample
 
 __all__ = ["AAL_NAME", "CASES_NAME", "default_output", "main", "prepare_aal", "prepare_labelled"]
 
@@ -77,10 +77,10 @@ def prepare_labelled(
         image, mask = load_volume(samples[name]), load_volume(samples[f"{name}_label"])
         if image.array.shape != mask.array.shape or not np.allclose(image.affine, mask.affine, atol=1e-3):
             raise ValueError(f"{samples[f'{name}_label']}: the mask's grid differs from {samples[name]}'s")
-        modality, _ = _modality(image, "auto")
+        modality, _ = detect_modality(image, "auto")
         volume, affine = resample(image.array, image.affine, image.spacing, spacing)
         label, _ = resample((mask.array > 0).astype(np.float32), mask.affine, mask.spacing, spacing)
-        stored, _ = _intensity(volume, modality)
+        stored, _ = intensity_policy(volume, modality)
         label = (label >= 0.5).astype(np.uint8)
         voxel = [float(round(v, 6)) for v in np.linalg.norm(affine[:3, :3], axis=0)]
         target = output / f"{name}.npz"
@@ -147,7 +147,7 @@ def prepare_aal(files: Mapping[str, Path], output: Path) -> Path:
     regions = np.rint(atlas.array).astype(np.int64)
     if regions.min() < 0 or regions.max() > len(names):
         raise ValueError(f"{files['colin27_aal']}: labels outside 0..{len(names)} of its table")
-    stored, _ = _intensity(image.array.astype(np.float32), "mr")
+    stored, _ = intensity_policy(image.array.astype(np.float32), "mr")
     # load_volume gives RAS+ (x, y, z) with 1 mm diagonal axes; world x = 0 is the MNI midline.
     midline = float(-image.affine[0, 3] / image.affine[0, 0])
     output.mkdir(parents=True, exist_ok=True)

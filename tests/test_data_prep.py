@@ -17,8 +17,10 @@ import pytest
 import SimpleITK as sitk
 
 from data_prep import fetch
+from data_prep.options import parse_splits
+from data_prep.prepare import assign_split, patient_hash, resample
 from data_prep.readers import canonicalize, load_volume
-from data_prep.shard import assign_split, main, parse_splits, patient_hash, resample, shard_volumes
+from data_prep.shard import main, shard_volumes
 from pcrl.data import read_manifest, read_volume
 
 REPO = Path(__file__).resolve().parents[1]

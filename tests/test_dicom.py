@@ -156,7 +156,7 @@ def test_shard_dicom_rerun_reads_no_header(
 ) -> None:
     """A re-run of a finished DICOM job is recognised from the file listing alone: it reads no header (a
     no-op re-run over millions of slice files must not parse them all) and writes nothing."""
-    from data_prep import shard
+    from data_prep import discover
 
     out = tmp_path / "out"
     shard_volumes([lung1_series[0].parents[1]], out, workers=1, progress=False)
@@ -165,7 +165,7 @@ def test_shard_dicom_rerun_reads_no_header(
     def no_headers(*args, **kwargs):
         raise AssertionError("headers were read on an unchanged re-run")
 
-    monkeypatch.setattr(shard, "_read_headers", no_headers)
+    monkeypatch.setattr(discover, "read_headers", no_headers)
     summary = shard_volumes([lung1_series[0].parents[1]], out, workers=1, progress=False)
     assert summary.up_to_date and summary.accepted == 1
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
@@ -281,12 +281,12 @@ def test_dicom_headers_are_read_in_workers_with_the_same_result(
     """With a process pool, DICOM headers are read by the workers in batches, and discovery finds exactly
     the series, parts and header-level rejects of the serial read (a batching bug would drop or reorder
     files)."""
-    from data_prep import shard
+    from data_prep import discover
     from data_prep.pool import Pool
 
     root, _ = bad_dicom
-    serial = shard.find_inputs([root])
-    monkeypatch.setattr(shard, "_HEADER_BATCH", 16)  # the folder has ~200 DICOM files: several batches
+    serial = discover.find_inputs([root])
+    monkeypatch.setattr(discover, "HEADER_BATCH", 16)  # the folder has ~200 DICOM files: several batches
     calls: list[int] = []
     with Pool(workers=2) as pool:
         real_map = pool.map
@@ -297,7 +297,7 @@ def test_dicom_headers_are_read_in_workers_with_the_same_result(
             return real_map(fn, args, **kw)
 
         monkeypatch.setattr(pool, "map", counting_map)
-        parallel = shard.find_inputs([root], pool=pool)
+        parallel = discover.find_inputs([root], pool=pool)
     assert calls and calls[0] > 1  # the headers went through the pool, in several tasks
     assert parallel.items == serial.items and len(serial.items) > 5
     assert parallel.rejects == serial.rejects and parallel.ignored == serial.ignored

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from data_prep.fetch import image_names
-from data_prep.shard import JOURNAL_NAME, shard_volumes
+from data_prep.shard import shard_volumes
+from data_prep.writer import JOURNAL_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 

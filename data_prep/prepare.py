@@ -1,0 +1,303 @@
+"""Preparing one volume for the shards (runs in the workers of a :class:`data_prep.pool.Pool`).
+
+Each input goes through: read (:mod:`data_prep.readers`, :mod:`data_prep.dicom`) → canonical RAS+ →
+modality (:func:`detect_modality`) → linear resampling to the target spacing (:func:`resample`) → optional
+body crop (:mod:`data_prep.crop`) → intensity policy (:func:`intensity_policy`: CT int16 HU clipped to
+[-1024, 3071]; MR float16, percentiles 0.5/99.5 → [0, 1]) → the encoded sample (:class:`Prepared`), or the
+reason it is rejected (:class:`~data_prep.discover.Rejected`). The patient id is hashed here, and the split
+assigned from the hash, so that raw ids never leave the worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_prep.crop import body_box
+from data_prep.dicom import is_dicom, load_dicom
+from data_prep.discover import InputSeries, Item, Rejected
+from data_prep.options import ShardOptions
+from data_prep.readers import RawVolume, RejectedInput, load_volume, volume_suffix
+from data_prep.zarr_writer import encode_array
+from pcrl.data import CT_HU_RANGE, encode_volume
+
+__all__ = [
+    "CT_MIN_HU",
+    "FORMAT_VERSION",
+    "MR_PERCENTILES",
+    "Prepared",
+    "assign_split",
+    "detect_modality",
+    "intensity_policy",
+    "output_shape",
+    "patient_hash",
+    "patient_id",
+    "prepare_volume",
+    "resample",
+]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+"""Version of the sample metadata, the journal and ``summary.json``."""
+MR_PERCENTILES = (0.5, 99.5)
+# Heuristic for formats without a modality tag: integer voxels reaching this low are CT (air is -1000 HU).
+CT_MIN_HU = -500
+
+
+def patient_id(item: Item) -> str:
+    """DICOM ``PatientID`` when present, else the top folder under the input root, else the file name
+    without its volume suffix (or the series name)."""
+    if isinstance(item, InputSeries) and item.dicom_patient:
+        return f"dicom:{item.dicom_patient}"
+    parts = Path(item.source).parts
+    if len(parts) > 1:
+        return parts[0]
+    suffix = volume_suffix(item.path)
+    return item.path.name[: -len(suffix)] if suffix else item.path.stem
+
+
+def patient_hash(patient: str, salt: str) -> str:
+    """Salted sha256 of a patient id (16 hex digits); the raw id never reaches the shards."""
+    return hashlib.sha256(f"{salt}\0{patient}".encode()).hexdigest()[:16]
+
+
+def assign_split(hashed_patient: str, splits: Mapping[str, float]) -> str:
+    """Map a patient hash to [0, 1) and pick the split whose cumulative fraction range holds it."""
+    u = int(hashed_patient, 16) / 16 ** len(hashed_patient)
+    total = 0.0
+    for name, fraction in splits.items():
+        total += fraction
+        if u < total:
+            return name
+    return next(name for name, f in reversed(list(splits.items())) if f > 0)  # u beyond a sum of 1 - eps
+
+
+def output_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> list[int]:
+    """Voxels per axis after resampling: ``floor(n · spacing / target)``, tolerant to float noise in headers
+    (0.7812499 mm × 256 is 200 voxels of 1 mm, not 199)."""
+    return [
+        max(1, math.floor(float(n) * float(s) / float(t) + 1e-4))
+        for n, s, t in zip(shape, spacing, target, strict=True)
+    ]
+
+
+def _interpolate_scale(n: int, spacing: float, target: float, size: int) -> float:
+    """The scale factor for ``F.interpolate`` that gives ``size`` voxels (it floors ``n · scale``)."""
+    scale = spacing / target
+    if math.floor(n * scale) == size:
+        return scale
+    scale = size / n  # within 1e-4 voxel of spacing / target over the whole axis
+    while math.floor(n * scale) < size:
+        scale = math.nextafter(scale, math.inf)
+    return scale
+
+
+def resample(
+    array: np.ndarray, affine: np.ndarray, spacing: Sequence[float], target: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Trilinear resampling on the same axes to voxel size ``target``, keeping the field of view centred.
+
+    Output voxel ``i`` samples input index ``(i + 0.5)·r - 0.5`` with ``r = target / spacing`` (edge voxels
+    are replicated: ``align_corners=False``), and there are :func:`output_shape` voxels per axis. Memory:
+    one float32 copy of the input plus the output.
+
+    Args:
+        array: (X, Y, Z) voxels.
+        affine: (4, 4) voxel → world of ``array``.
+        spacing: current voxel size per axis (mm).
+        target: wanted voxel size per axis (mm).
+
+    Returns:
+        (X', Y', Z') float32 array and its (4, 4) affine.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    sizes = output_shape(array.shape, spacing, target)
+    scales = [
+        _interpolate_scale(n, s, t, m) for n, s, t, m in zip(array.shape, spacing, target, sizes, strict=True)
+    ]
+    x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    if any(abs(s - 1.0) > 1e-9 for s in scales):
+        # recompute_scale_factor=False: the kernel steps exactly 1/scale input voxels per output voxel.
+        x = F.interpolate(x[None, None], scale_factor=scales, mode="trilinear", align_corners=False,
+                          recompute_scale_factor=False)[0, 0]  # fmt: skip
+    assert list(x.shape) == sizes, (list(x.shape), sizes, scales)
+    ratios = [1.0 / s for s in scales]
+    step = np.eye(4)
+    step[:3, :3] = np.diag(ratios)
+    step[:3, 3] = [0.5 * r - 0.5 for r in ratios]
+    return x.numpy(), affine @ step
+
+
+def detect_modality(raw: RawVolume, override: str) -> tuple[str, str]:
+    """The modality of a volume and where it came from.
+
+    Args:
+        raw: the volume as read.
+        override: ``auto``, ``ct`` or ``mr`` (``--modality``).
+
+    Returns:
+        ``ct`` or ``mr``, and its source: ``option`` (``override`` is not ``auto``), ``header`` (the
+        reader's ``modality_hint``, e.g. DICOM's Modality tag) or ``heuristic`` (integer voxels reaching
+        :data:`CT_MIN_HU` or lower are CT, the rest MR).
+    """
+    if override != "auto":
+        return override, "option"
+    if raw.modality_hint is not None:
+        return raw.modality_hint, "header"
+    is_ct = raw.stored_dtype.kind in "iu" and float(raw.array.min()) <= CT_MIN_HU
+    return ("ct" if is_ct else "mr"), "heuristic"
+
+
+def intensity_policy(volume: np.ndarray, modality: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """The voxels as stored in the shards, and the policy that made them (kept in the sample metadata).
+
+    CT: HU rounded and clipped to :data:`pcrl.data.CT_HU_RANGE`, int16. MR: the :data:`MR_PERCENTILES`
+    of the volume mapped to [0, 1] and clipped, float16.
+
+    Args:
+        volume: (X, Y, Z) voxels (CT in HU; MR in scanner units).
+        modality: ``ct`` or ``mr``.
+
+    Returns:
+        The (X, Y, Z) stored array and the policy record (``kind``, ``dtype`` and its parameters).
+
+    Raises:
+        RejectedInput: an MR volume whose two percentiles are equal (constant intensity).
+    """
+    if modality == "ct":
+        lo, hi = CT_HU_RANGE
+        stored = np.clip(np.rint(volume), lo, hi).astype(np.int16)
+        return stored, {"kind": "ct_hu", "clip_hu": [lo, hi], "dtype": "int16"}
+    p_lo, p_hi = (float(v) for v in np.percentile(volume, MR_PERCENTILES))
+    if not p_hi > p_lo:
+        raise RejectedInput(f"constant intensity: percentiles {list(MR_PERCENTILES)} are both {p_lo:g}")
+    stored = np.clip((volume - p_lo) / (p_hi - p_lo), 0.0, 1.0).astype(np.float16)
+    policy = {
+        "kind": "mr_percentile",
+        "percentiles": list(MR_PERCENTILES),
+        "values": [p_lo, p_hi],
+        "dtype": "float16",
+    }
+    return stored, policy
+
+
+@dataclass
+class Prepared:
+    """A volume ready to write, encoded and compressed by the worker: the two tar members (WebDataset) or
+    the files of its Zarr array, and the manifest facts (``info``, with the ``checksum``)."""
+
+    index: int
+    key: str
+    image: bytes
+    """``.npy.zst`` bytes (WebDataset; empty for Zarr)."""
+    meta: bytes
+    info: dict[str, Any]
+    zarr_files: dict[str, bytes] | None = None
+    """Zarr: path inside the array folder → bytes (``zarr.json`` and compressed chunks)."""
+
+
+def prepare_volume(index: int, item: Item, options: ShardOptions) -> Prepared | Rejected:
+    """Read, reorient, resample and encode one input; never raises for a bad input (returns Rejected)."""
+    try:
+        return _prepare(index, item, options)
+    except RejectedInput as e:
+        return Rejected(index, item.source, str(item.path), str(e))
+    except MemoryError:
+        return Rejected(index, item.source, str(item.path), "out of memory while preparing the volume")
+    except Exception as e:  # a reader bug must not stop a 10^5-volume job; it is reported, not hidden
+        logger.exception("unexpected error on %s", item.path)
+        return Rejected(index, item.source, str(item.path), f"unexpected error: {type(e).__name__}: {e}")
+
+
+def _load(item: Item, options: ShardOptions) -> RawVolume:
+    if isinstance(item, InputSeries):
+        return load_dicom(item.paths)
+    if volume_suffix(item.path) is None and is_dicom(item.path):
+        return load_dicom([item.path])
+    return load_volume(item.path, take_volume=options.take_volume)
+
+
+def _prepare(index: int, item: Item, options: ShardOptions) -> Prepared:
+    raw = _load(item, options)
+    source_shape = [int(n) for n in raw.array.shape]
+    source_spacing = [round(s, 6) for s in raw.spacing]
+    modality, modality_source = detect_modality(raw, options.modality)
+    out_shape = output_shape(source_shape, raw.spacing, options.spacing)
+    if int(np.prod(out_shape, dtype=np.int64)) > options.max_voxels:
+        raise RejectedInput(
+            f"too large after resampling: shape {out_shape} has more than {options.max_voxels} voxels"
+        )
+    if any(n < m for n, m in zip(out_shape, options.min_size, strict=True)):
+        raise RejectedInput(
+            f"too small after resampling to {list(options.spacing)} mm: shape {out_shape} < minimum "
+            f"{list(options.min_size)} (lower --min-size to keep it)"
+        )
+    volume, affine = resample(raw.array, raw.affine, raw.spacing, options.spacing)
+    del raw.array
+    crop: dict[str, Any] | None = None
+    if options.crop_body:
+        start, size, crop = body_box(volume, modality, options.spacing, options.min_size)
+        volume = np.ascontiguousarray(
+            volume[tuple(slice(a, a + n) for a, n in zip(start, size, strict=True))]
+        )
+        shift = np.eye(4)
+        shift[:3, 3] = start
+        affine = affine @ shift
+    stored, policy = intensity_policy(volume, modality)
+    del volume
+    if options.format == "zarr":
+        buf = io.BytesIO()
+        np.lib.format.write_array(buf, np.ascontiguousarray(stored), version=(1, 0), allow_pickle=False)
+        checksum = hashlib.sha256(buf.getvalue()).hexdigest()  # of the .npy bytes, as pcrl.data verifies it
+        del buf
+        image, key = b"", checksum[:16]  # the key of encode_volume: same volume, same key in both formats
+    else:
+        image, key = encode_volume(stored)
+        checksum = hashlib.sha256(image).hexdigest()
+    spacing = [float(round(v, 6)) for v in np.linalg.norm(affine[:3, :3], axis=0)]
+    patient = patient_hash(patient_id(item), options.salt)
+    split = assign_split(patient, options.splits)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "key": key,
+        "source": item.source,
+        "modality": modality,
+        "modality_source": modality_source,
+        "dtype": str(stored.dtype),
+        "shape": [int(n) for n in stored.shape],
+        "spacing": spacing,
+        "affine": [[float(v) for v in row] for row in affine],
+        "intensity": policy,
+        "patient": patient,
+        "split": split,
+        "source_shape": source_shape,
+        "source_spacing": source_spacing,
+        "source_dtype": str(raw.stored_dtype),
+        "source_orientation": raw.header.get("source_orientation", ""),
+    }
+    if isinstance(item, InputSeries):
+        meta["source_files"] = [p.relative_to(item.root).as_posix() for p in item.paths]
+        meta["series"] = patient_hash(item.series_uid, options.salt)
+    if "volume_index" in raw.header:
+        meta["volume_index"] = raw.header["volume_index"]
+    if crop is not None:
+        meta["crop"] = crop
+    info = {
+        k: meta[k] for k in ("key", "shape", "spacing", "modality", "dtype", "split", "source", "patient")
+    }
+    info["files"] = len(item.paths) if isinstance(item, InputSeries) else 1
+    info["checksum"] = "sha256:" + checksum
+    files = encode_array(stored, meta) if options.format == "zarr" else None
+    return Prepared(index, key, image, json.dumps(meta, sort_keys=True).encode(), info, files)
