@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,8 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
+from runs import REPO, TINY, launcher_env
 
 # No usage reports from the services the tests start (MLflow, Ray): the tests talk to loopback only.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -116,26 +117,17 @@ def aal_cases(labelled_cases: Path) -> Path:
 def tiny_run(sample_shards: Path, labelled_cases: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real 2-step pretraining (``python launch/pretrain.py``, tiny config, one process) with a checkpoint
     after each step and the online linear probe at step 2. Returns the run folder."""
-    import subprocess
-    import sys
-
     out = tmp_path_factory.mktemp("tiny_run")
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_WAIT_POLICY="PASSIVE")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
     overrides = [
         f"data.shards={sample_shards}", f"run.output_dir={out}", "run.name=tiny", "train.max_steps=2",
         "train.checkpoint_every=1", "train.log_every=1", "data.num_workers=0", "tracking.image_every=0",
         "eval.every=2", "eval.volumes=2", "eval.pairs_per_volume=1", f"probe.cases={labelled_cases}",
         "probe.task=lesion", "probe.names=[lung1,brain2,breast1]", "probe.per_class=3",
     ]  # fmt: skip
-    cmd = [
-        sys.executable,
-        str(REPO / "launch/pretrain.py"),
-        "--config",
-        str(REPO / "configs/pretrain/tiny.yaml"),
-    ]
-    proc = subprocess.run([*cmd, *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, str(REPO / "launch/pretrain.py"), "--config", str(TINY)]
+    proc = subprocess.run(
+        [*cmd, *overrides], cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out / "tiny"
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from view_helpers import smooth_volume, tiny_cfg
 
 from pcrl.config import DataConfig, PretrainConfig, RunConfig, TrainConfig
 from pcrl.data import ViewLoader, build_loader
 from pcrl.views import DALISpatial, PCRLv2Views, TorchSpatial, build_renderer, collate_draws
 from pcrl.views.ops import blur
-from tests.test_views import smooth_volume, tiny_cfg
 
 pytest.importorskip("nvidia.dali")
 
@@ -95,7 +95,7 @@ def test_dali_statistics_over_many_draws_agree_with_torch(volume):
 
 def test_build_renderer_backends():
     """Pins views.backend: torch → torch renderer, dali → DALI (CPU mode here), auto → torch on a CPU and on a
-    GPU even with DALI installed (as here): torch measured faster on both (bench/views.py, README)."""
+    GPU even with DALI installed (as here): torch measured faster on both (bench/views.py, docs/benchmarks.md)."""
     cfg = tiny_cfg()
     torch_renderer = build_renderer(cfg, "cpu", 2)
     assert type(torch_renderer) is PCRLv2Views and type(torch_renderer.spatial) is TorchSpatial

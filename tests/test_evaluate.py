@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_pretrain import TINY, _common, _deepspeed, _records
+from runs import TINY, common_overrides, read_records, run_deepspeed
 
 from pcrl.config import ConfigError, load_config
 from pcrl.distributed import free_port
@@ -109,7 +109,7 @@ def test_training_logs_validation_and_reports_it(sample_shards: Path, tmp_path: 
     reported: list[tuple[int, dict[str, float]]] = []
     cfg = _cfg(sample_shards, *common, "run.name=eval", "eval.every=3")
     train(cfg, reporter=lambda metrics, step: reported.append((step, dict(metrics))))
-    records = _records(tmp_path / "eval")
+    records = read_records(tmp_path / "eval")
     assert [r["step"] for r in records] == [2, 3, 4, 5]
     assert [r["step"] for r in records if "val/psnr" in r] == [3, 5]
     # The health monitors of every decoder scale come with each evaluation (tiny: depth 4, 3 scales).
@@ -128,7 +128,7 @@ def test_training_logs_validation_and_reports_it(sample_shards: Path, tmp_path: 
     # The same process group serves the second run (conftest destroys it after the test).
     cfg = _cfg(sample_shards, *common, "run.name=plain", "eval.every=0")
     train(cfg)
-    plain = {r["step"]: r for r in _records(tmp_path / "plain")}
+    plain = {r["step"]: r for r in read_records(tmp_path / "plain")}
     assert sorted(plain) == [2, 4, 5]
     # Steps 2 and 5 are one-step windows in both runs (the evaluation at 3 closes a window early).
     for r in records:
@@ -139,10 +139,10 @@ def test_training_logs_validation_and_reports_it(sample_shards: Path, tmp_path: 
 
 def test_two_processes_evaluate_without_deadlock(sample_shards: Path, tmp_path: Path) -> None:
     """Under two gloo ranks rank 0 evaluates and broadcasts: the run finishes and logs val/psnr."""
-    overrides = [*_common(sample_shards, tmp_path, "two", 4), "eval.every=2", "eval.volumes=2"]
-    proc = _deepspeed(2, [*overrides, "eval.pairs_per_volume=1", "tracking.image_every=0"])
+    overrides = [*common_overrides(sample_shards, tmp_path, "two", 4), "eval.every=2", "eval.volumes=2"]
+    proc = run_deepspeed(2, [*overrides, "eval.pairs_per_volume=1", "tracking.image_every=0"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    records = _records(tmp_path / "two")
+    records = read_records(tmp_path / "two")
     assert [r["step"] for r in records if "val/psnr" in r] == [2, 4]
     assert all(math.isfinite(r["val/psnr"]) for r in records if "val/psnr" in r)
     assert json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4

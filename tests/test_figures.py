@@ -126,7 +126,7 @@ def test_panel_save_failure_is_reported_and_turns_panels_off(
 
 def test_middle_planes_are_radiological() -> None:
     """RAS+ (x, y, z) arrays are shown with the patient's right on the left (axial, coronal), anterior up
-    (axial) and on the left (sagittal), superior up (coronal, sagittal): pins the orientation the README
+    (axial) and on the left (sagittal), superior up (coronal, sagittal): pins the orientation docs/pretraining.md
     documents, so a transposed or mirrored panel cannot pass."""
     v = np.zeros((6, 8, 10), np.float32)
     v[5, :, :] += 1  # patient's right (+x)

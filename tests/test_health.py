@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_pretrain import TINY
+from runs import TINY
 
 from pcrl.config import load_config
 from pcrl.evaluate import HealthEval

@@ -5,76 +5,27 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from runs import REPO, TINY, common_overrides, launcher_env, read_records, run_deepspeed
 
-from pcrl.distributed import free_port, shm_workspaces
+from pcrl.distributed import shm_workspaces
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs/pretrain/tiny.yaml"
 TERMS = ("loss/total", "loss/restore", "loss/multiscale", "loss/global", "loss/local")
 
 pytestmark = pytest.mark.integration
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(DS_ACCELERATOR="cpu", OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    return env
-
-
-def launch_pretrain(overrides: list[str], log: Path, nproc: int = 1) -> subprocess.Popen[bytes]:
-    """launch/pretrain.py on the tiny config in a new session (its own process group, so the whole tree can be
-    signalled or killed at once): plain ``python`` for one process, the ``deepspeed`` launcher for more.
-    Output is appended to ``log``."""
-    script = [str(REPO / "launch/pretrain.py"), "--config", str(TINY), *overrides]
-    if nproc == 1:
-        cmd = [sys.executable, *script]
-    else:
-        launcher = Path(sys.executable).with_name("deepspeed")
-        cmd = [str(launcher), "--num_gpus", str(nproc), "--master_port", str(free_port()), *script]
-    with log.open("ab") as f:
-        return subprocess.Popen(
-            cmd, cwd=REPO, env=_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-
-def _deepspeed(nproc: int, overrides: list[str], timeout: int = 600) -> subprocess.CompletedProcess[str]:
-    launcher = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(launcher), "--num_gpus", str(nproc), "--master_port", str(free_port())]
-    cmd += [str(REPO / "launch/pretrain.py"), "--config", str(TINY), *overrides]
-    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
-
-
-def _records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _common(shards: Path, out: Path, name: str, steps: int) -> list[str]:
-    return [
-        f"data.shards={shards}",
-        f"run.output_dir={out}",
-        f"run.name={name}",
-        f"train.max_steps={steps}",
-        "train.log_every=2",
-        "data.num_workers=1",
-        "tracking.sample_keys=true",
-    ]
-
-
 def test_pretrain_one_process_logs_checkpoints_and_resumes(sample_shards: Path, tmp_path: Path) -> None:
     """One process: finite losses for every term in metrics.jsonl and MLflow, config saved, a checkpoint
     at the end; a second launch on the same run folder continues the same run instead of starting over."""
-    proc = _deepspeed(1, _common(sample_shards, tmp_path, "one", 4))
+    proc = run_deepspeed(1, common_overrides(sample_shards, tmp_path, "one", 4))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = tmp_path / "one"
-    records = _records(run_dir)
+    records = read_records(run_dir)
     assert [r["step"] for r in records] == [2, 4]
     for r in records:
         for k in TERMS:
@@ -109,10 +60,10 @@ def test_pretrain_one_process_logs_checkpoints_and_resumes(sample_shards: Path, 
     assert "config.yaml" in [a.path for a in client.list_artifacts(run.info.run_id)]
 
     # Launch again, longer: it continues from step 4 into the same MLflow run.
-    proc = _deepspeed(1, _common(sample_shards, tmp_path, "one", 6))
+    proc = run_deepspeed(1, common_overrides(sample_shards, tmp_path, "one", 6))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "resuming" in proc.stderr and "from step 4" in proc.stderr
-    assert [r["step"] for r in _records(run_dir)] == [2, 4, 6]
+    assert [r["step"] for r in read_records(run_dir)] == [2, 4, 6]
     (run,) = client.search_runs([exp.experiment_id])
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss/total")] == [2, 4, 6]
 
@@ -147,14 +98,14 @@ def test_pretrain_two_processes_see_disjoint_volumes(sample_shards: Path, tmp_pa
     # channels-last weights go through DeepSpeed's gradient all-reduce here too (they broke its
     # parameter broadcast when converted before deepspeed.initialize), and the decoder stages are
     # recomputed in backward (activation checkpointing) under the engine.
-    overrides = [*_common(sample_shards, tmp_path, "two", 4), "engine.channels_last=true"]
+    overrides = [*common_overrides(sample_shards, tmp_path, "two", 4), "engine.channels_last=true"]
     before = shm_workspaces()
-    proc = _deepspeed(2, [*overrides, "model.activation_checkpointing=true"])
+    proc = run_deepspeed(2, [*overrides, "model.activation_checkpointing=true"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # DeepSpeed's CPU all-reduce workspaces (67 MB of RAM per rank) do not outlive the run.
     assert shm_workspaces() == before
     run_dir = tmp_path / "two"
-    for r in _records(run_dir):
+    for r in read_records(run_dir):
         assert all(math.isfinite(r[k]) for k in TERMS)
     keys = {}
     for rank in (0, 1):
@@ -169,8 +120,12 @@ def test_pretrain_two_processes_see_disjoint_volumes(sample_shards: Path, tmp_pa
 
 def test_pretrain_nonfinite_loss_stops_naming_the_step(sample_shards: Path, tmp_path: Path) -> None:
     """A diverging run must stop with the step number and exit status 3, not keep training on NaNs."""
-    overrides = [*_common(sample_shards, tmp_path, "nan", 6), "optim.lr=1e30", "optim.warmup_steps=0"]
-    proc = _deepspeed(1, overrides)
+    overrides = [
+        *common_overrides(sample_shards, tmp_path, "nan", 6),
+        "optim.lr=1e30",
+        "optim.warmup_steps=0",
+    ]
+    proc = run_deepspeed(1, overrides)
     assert proc.returncode != 0
     err = proc.stderr + proc.stdout
     assert "non-finite" in err and "at step" in err, err[-3000:]
@@ -180,14 +135,14 @@ def test_pretrain_nonfinite_loss_stops_naming_the_step(sample_shards: Path, tmp_
 def test_pretrain_cli_rejects_bad_config_fast(tmp_path: Path) -> None:
     """A typo on the command line is reported with the key, exit status 2, before any heavy start-up."""
     cmd = [sys.executable, str(REPO / "launch/pretrain.py"), "--config", str(TINY), "train.max_step=3"]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "train.max_step" in proc.stderr and "max_steps" in proc.stderr
     assert "Traceback" not in proc.stderr
     proc = subprocess.run(
         [sys.executable, str(REPO / "launch/pretrain.py"), "--config", str(TINY)],
         cwd=REPO,
-        env=_env(),
+        env=launcher_env(),
         capture_output=True,
         text=True,
         timeout=120,
@@ -206,7 +161,7 @@ def test_pretrain_cli_rejects_bad_config_fast(tmp_path: Path) -> None:
             "run.name=bad",
         ],
         cwd=REPO,
-        env=_env(),
+        env=launcher_env(),
         capture_output=True,
         text=True,
         timeout=300,
@@ -222,7 +177,7 @@ def test_pretrain_bf16_zero_accumulation_clipping_adamw(sample_shards: Path, tmp
     gradient accumulation, clipping and AdamW together (plain ``python``, no launcher: one process)."""
     overrides = [
         # One optimizer step of two micro-batches: bf16 convolutions at this tiny width are slow on CPU.
-        *_common(sample_shards, tmp_path, "bf16", 1),
+        *common_overrides(sample_shards, tmp_path, "bf16", 1),
         "engine.precision=bf16",
         "engine.zero_stage=2",
         "train.grad_accum_steps=2",
@@ -232,9 +187,9 @@ def test_pretrain_bf16_zero_accumulation_clipping_adamw(sample_shards: Path, tmp
         "train.log_every=1",
     ]
     cmd = [sys.executable, str(REPO / "launch/pretrain.py"), "--config", str(TINY), *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    records = _records(tmp_path / "bf16")
+    records = read_records(tmp_path / "bf16")
     assert [r["step"] for r in records] == [1]
     assert all(math.isfinite(r[k]) for r in records for k in TERMS)
     # Two micro-batches of two samples make the optimizer step.

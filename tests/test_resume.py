@@ -8,18 +8,17 @@ import json
 import os
 import signal
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from test_pretrain import _records, launch_pretrain
+from runs import finish, launch_pretrain, rank_process, read_records, wait_for
+
+from pcrl import exit_status
 
 pytestmark = pytest.mark.integration
 
 STEPS = 10
-EXIT_PREEMPTED = 75
 
 
 def _overrides(shards: Path, out: Path, name: str) -> list[str]:
@@ -40,34 +39,10 @@ def _start(nproc: int, overrides: list[str], log: Path) -> subprocess.Popen[byte
     return launch_pretrain(overrides, log, nproc)
 
 
-def _finish(proc: subprocess.Popen[bytes], log: Path, timeout: float = 600) -> int:
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        pytest.fail(f"the run did not finish in {timeout} s:\n{log.read_text()[-3000:]}")
-
-
 def _run(nproc: int, overrides: list[str], log: Path, proc: subprocess.Popen[bytes] | None = None) -> None:
     """Run to the end (or wait for ``proc``, already started with these arguments); it must succeed."""
-    rc = _finish(proc or _start(nproc, overrides, log), log)
+    rc = finish(proc or _start(nproc, overrides, log), log, timeout_s=600)
     assert rc == 0, log.read_text()[-4000:]
-
-
-def _wait_until(
-    proc: subprocess.Popen[bytes], log: Path, ready: Callable[[], bool], timeout: float = 600
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if proc.poll() is not None:
-            pytest.fail(
-                f"the run ended (status {proc.returncode}) before the kill point:\n{log.read_text()[-3000:]}"
-            )
-        if time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"no kill point within {timeout} s:\n{log.read_text()[-3000:]}")
-        time.sleep(0.1)
 
 
 def _latest_step(run_dir: Path) -> int:
@@ -77,7 +52,7 @@ def _latest_step(run_dir: Path) -> int:
 
 def _logged_steps(run_dir: Path) -> list[int]:
     path = run_dir / "metrics.jsonl"
-    return [r["step"] for r in _records(run_dir)] if path.is_file() else []
+    return [r["step"] for r in read_records(run_dir)] if path.is_file() else []
 
 
 def _final_module(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -98,7 +73,7 @@ def _assert_same_run(resumed: Path, reference: Path) -> None:
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
     steps = list(range(2, STEPS + 1, 2))
-    records, expected = _records(resumed), _records(reference)
+    records, expected = read_records(resumed), read_records(reference)
     assert [r["step"] for r in records] == steps
     for r, e in zip(records, expected, strict=True):
         assert {k: v for k, v in r.items() if k.startswith("loss/")} == {
@@ -128,7 +103,13 @@ def test_resume_after_sigkill_one_process_is_bitwise_exact(sample_shards: Path, 
 
     log = tmp_path / "cut.log"
     proc = _start(1, _overrides(sample_shards, tmp_path, "cut"), log)
-    _wait_until(proc, log, lambda: _latest_step(run_dir) >= 6 and 6 in _logged_steps(run_dir))
+    wait_for(
+        "the kill point",
+        lambda: _latest_step(run_dir) >= 6 and 6 in _logged_steps(run_dir),
+        proc,
+        log,
+        timeout_s=600,
+    )
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_at = _latest_step(run_dir)
@@ -150,16 +131,6 @@ def test_resume_after_sigkill_one_process_is_bitwise_exact(sample_shards: Path, 
     ]
 
 
-def _rank_process(launcher: subprocess.Popen[bytes], rank: int) -> int:
-    import psutil
-
-    for child in psutil.Process(launcher.pid).children(recursive=True):
-        cmdline = child.cmdline()
-        if any(a.endswith("pretrain.py") for a in cmdline) and f"--local_rank={rank}" in cmdline:
-            return child.pid
-    raise AssertionError(f"no rank {rank} process under the launcher")
-
-
 def test_preemption_then_sigkill_two_processes_is_bitwise_exact(sample_shards: Path, tmp_path: Path) -> None:
     """Two ranks under the deepspeed launcher. SIGUSR1 to rank 1 alone (as Slurm's signal may reach one task
     first): both ranks must agree, save a checkpoint at the next step boundary and exit 75. The relaunch is
@@ -171,9 +142,9 @@ def test_preemption_then_sigkill_two_processes_is_bitwise_exact(sample_shards: P
 
     log = tmp_path / "cut.log"
     proc = _start(2, _overrides(sample_shards, tmp_path, "cut"), log)
-    _wait_until(proc, log, lambda: 4 in _logged_steps(run_dir))
-    os.kill(_rank_process(proc, 1), signal.SIGUSR1)
-    assert _finish(proc, log) == EXIT_PREEMPTED, log.read_text()[-4000:]
+    wait_for("the kill point", lambda: 4 in _logged_steps(run_dir), proc, log, timeout_s=600)
+    os.kill(rank_process(proc, 1), signal.SIGUSR1)
+    assert finish(proc, log, timeout_s=600) == exit_status.PREEMPTED, log.read_text()[-4000:]
     preempted_at = _latest_step(run_dir)
     # Saved at the boundary after the signal, off the every-3-steps schedule.
     assert preempted_at in (4, 5), preempted_at
@@ -181,7 +152,7 @@ def test_preemption_then_sigkill_two_processes_is_bitwise_exact(sample_shards: P
     assert message in log.read_text()
 
     proc = _start(2, _overrides(sample_shards, tmp_path, "cut"), log)
-    _wait_until(proc, log, lambda: _latest_step(run_dir) > preempted_at)
+    wait_for("the kill point", lambda: _latest_step(run_dir) > preempted_at, proc, log, timeout_s=600)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert _latest_step(run_dir) < STEPS, "the run finished before it could be killed"

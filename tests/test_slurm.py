@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from runs import REPO, TINY, read_records
 from slurm_cluster import SlurmCluster, require_slurm, wait_job
-from test_pretrain import REPO, TINY, _records
 
 pytestmark = pytest.mark.integration
 
@@ -55,7 +55,7 @@ def test_slurm_two_nodes_train_as_one_world(slurm: SlurmCluster, sample_shards: 
     assert "pcrl: rank 0 of 2 on node n1 (local rank 0)" in out
     assert "pcrl: rank 1 of 2 on node n2 (local rank 0)" in out
     assert "2 process(es)" in out
-    assert [r["step"] for r in _records(tmp_path / "two")] == [1, 2]
+    assert [r["step"] for r in read_records(tmp_path / "two")] == [1, 2]
     state = torch.load(
         tmp_path / "two/checkpoints/step_00000002/mp_rank_00_model_states.pt",
         map_location="cpu",
@@ -82,7 +82,7 @@ def test_slurm_preemption_signal_checkpoints_requeues_and_resumes(
     job, proc = _submit(slurm, tmp_path, "cycle", overrides)
     run_dir, log = tmp_path / "cycle", tmp_path / "cycle.out"
     deadline = time.monotonic() + 600
-    while not (run_dir / "metrics.jsonl").is_file() or 4 not in [r["step"] for r in _records(run_dir)]:
+    while not (run_dir / "metrics.jsonl").is_file() or 4 not in [r["step"] for r in read_records(run_dir)]:
         assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
         time.sleep(0.2)
     slurm.run(["scancel", "--batch", "--signal=USR1", job])
@@ -94,7 +94,7 @@ def test_slurm_preemption_signal_checkpoints_requeues_and_resumes(
     assert 4 <= saved < steps
     assert f"pcrl: job {job} restart 1 on" in out
     assert f"resuming {run_dir} from step {saved}" in out
-    assert [r["step"] for r in _records(run_dir)] == list(range(2, steps + 1, 2))
+    assert [r["step"] for r in read_records(run_dir)] == list(range(2, steps + 1, 2))
     assert (run_dir / "checkpoints/latest").read_text() == f"step_{steps:08d}"
 
     from mlflow.tracking import MlflowClient
@@ -168,7 +168,7 @@ def test_slurm_lost_rank_requeues_and_resumes(
     assert 2 <= resumed < steps and resumed % 2 == 0
     show = slurm.run(["scontrol", "show", "job", job]).stdout
     assert "Restarts=1" in show.split() and "Comment=pcrl-lost-1" in show.split(), show
-    assert [r["step"] for r in _records(run_dir)] == list(range(1, steps + 1))
+    assert [r["step"] for r in read_records(run_dir)] == list(range(1, steps + 1))
     assert pointer.read_text() == f"step_{steps:08d}"
 
     from mlflow.tracking import MlflowClient

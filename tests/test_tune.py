@@ -16,12 +16,12 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from mlflow_server import MlflowServer
 from processes import stop_group
-from test_pretrain import REPO, _env
+from runs import REPO, launcher_env
+from sweeps import check_two_trial_runs, sweep_yaml
 
 from pcrl.config import ConfigError, load_config
 
@@ -39,37 +39,8 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server.stop()
 
 
-def _sweep_yaml(path: Path, shards: Path, out: Path) -> Path:
-    overrides = [
-        f"data.shards={shards}",
-        "train.max_steps=6",
-        "train.log_every=2",
-        "train.checkpoint_every=2",
-        "optim.warmup_steps=0",
-        "eval.every=2",
-        "eval.volumes=2",
-        "eval.pairs_per_volume=1",
-        "tracking.image_every=0",
-        "data.num_workers=0",
-    ]
-    text = {
-        "name": "tiny",
-        "output_dir": str(out),
-        "base": str(REPO / "configs/pretrain/tiny.yaml"),
-        "overrides": overrides,
-        # In grid order, one trial at a time: a trial far behind the first at a rung is stopped by ASHA,
-        # and lr=-1 is refused by the pretraining config inside its trial.
-        "space": {"optim.lr": {"type": "grid", "values": ["0.01", "0.5", "-1", "0.003"]}},
-        "num_samples": 1,
-        "max_concurrent": 1,
-        "scheduler": {"name": "asha", "grace_period": 2, "reduction_factor": 2},
-    }
-    path.write_text(json.dumps(text))  # JSON is YAML
-    return path
-
-
 def _tune(config: Path, uri: str, log: Path, *extra: str) -> subprocess.Popen[bytes]:
-    env = {**_env(), "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    env = {**launcher_env(), "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
     cmd = [
         sys.executable,
         str(REPO / "launch/tune.py"),
@@ -84,27 +55,6 @@ def _tune(config: Path, uri: str, log: Path, *extra: str) -> subprocess.Popen[by
         )
 
 
-def check_two_trial_runs(uri: str, log: str) -> Any:
-    """The MLflow side of a finished 2-trial sweep (``optim.lr`` 0.01 and 0.003, ``train.max_steps=2``):
-    one parent run, FINISHED with ``best/val/psnr``, and one nested child run per trial, FINISHED, with its
-    ``val/psnr`` at step 2. Returns the parent run; ``log`` (the sweep's output) goes with a failure."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    runs = client.search_runs([client.get_experiment_by_name("pcrl").experiment_id], max_results=100)
-    (parent,) = [r for r in runs if r.data.tags.get("pcrl.kind") == "sweep"]
-    assert parent.info.status == "FINISHED" and "best/val/psnr" in parent.data.metrics
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    names = sorted(r.info.run_name for r in runs)
-    assert len(runs) == 3, f"the parent and one run per trial, no other: {names}"
-    assert sorted(float(r.data.params["optim.lr"]) for r in children) == [0.003, 0.01]
-    for run in children:
-        assert run.info.status == "FINISHED" and run.data.tags["pcrl.outcome"] == "finished"
-        history = [m.step for m in client.get_metric_history(run.info.run_id, "val/psnr")]
-        assert history == [2], f"{run.info.run_name}: val/psnr at steps {history}\n{log[-6000:]}"
-    return parent
-
-
 def _finished_trials(trials: Path) -> list[Path]:
     return sorted(p.parent.parent for p in trials.glob("*/checkpoints/step_00000006"))
 
@@ -113,7 +63,7 @@ def test_sweep_asha_failure_kill_resume_and_mlflow(
     sample_shards: Path, tmp_path: Path, mlflow_server: str
 ) -> None:
     """The whole life of a sweep, checked through its files and the MLflow client."""
-    config = _sweep_yaml(tmp_path / "sweep.yaml", sample_shards, tmp_path / "out")
+    config = sweep_yaml(tmp_path / "sweep.yaml", sample_shards, tmp_path / "out")
     sweep_dir = tmp_path / "out" / "tiny"
     log = tmp_path / "tune.log"
 
@@ -212,7 +162,7 @@ def test_trial_run_folder_is_the_trial_id_as_written(tmp_path: Path) -> None:
     The two agree for every Ray trial id, one of only digits and an underscore included."""
     from pcrl.sweep import load_sweep, trial_config, trial_dir
 
-    sweep = load_sweep(_sweep_yaml(tmp_path / "sweep.json", tmp_path / "shards", tmp_path / "out"))
+    sweep = load_sweep(sweep_yaml(tmp_path / "sweep.json", tmp_path / "shards", tmp_path / "out"))
     for trial in ("28683_00000", "be495_00001", "00000_00002"):
         cfg = trial_config(sweep, {"optim.lr": 0.01}, trial, uri="sqlite:///x.db")
         assert cfg.run_dir == trial_dir(sweep, trial) and cfg.run.name == trial
@@ -223,7 +173,7 @@ def test_sweep_two_workers_per_trial(sample_shards: Path, tmp_path: Path) -> Non
     """workers_per_trial=2: each trial is a TorchTrainer of two CPU workers training as one DeepSpeed world
     of 2 (both ranks' states in its checkpoint), and Tune still gets the metric from it through Ray Train:
     both trials finish, best.yaml is written, and MLflow holds the parent and both child runs."""
-    config = _sweep_yaml(tmp_path / "sweep.json", sample_shards, tmp_path / "out")
+    config = sweep_yaml(tmp_path / "sweep.json", sample_shards, tmp_path / "out")
     sweep = json.loads(config.read_text())
     sweep["space"] = {"optim.lr": {"type": "grid", "values": ["0.01", "0.003"]}}
     sweep["scheduler"] = {"name": "fifo"}

@@ -18,9 +18,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+from runs import REPO
 from slurm_cluster import SlurmCluster, wait_job
-from test_pretrain import REPO
-from test_tune import _sweep_yaml, check_two_trial_runs
+from sweeps import check_two_trial_runs, sweep_yaml
 
 from pcrl.config import load_config
 from pcrl.distributed import free_port
@@ -49,7 +49,7 @@ def test_tune_sbatch_two_nodes(slurm: SlurmCluster, sample_shards: Path, tmp_pat
     trials finish, best.yaml is written, MLflow holds the parent run and both child runs, and once the job
     has ended no process it started (Ray's included) is left."""
     config = tmp_path / "sweep.json"
-    _sweep_yaml(config, sample_shards, tmp_path / "out")
+    sweep_yaml(config, sample_shards, tmp_path / "out")
     sweep = json.loads(config.read_text())
     sweep["space"] = {"optim.lr": {"type": "grid", "values": ["0.01", "0.003"]}}
     sweep["max_concurrent"] = 0  # one trial per node at once: each Ray node offers one CPU

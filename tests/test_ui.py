@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from processes import stop_group, wait_http
-from test_pretrain import REPO, _deepspeed
+from runs import REPO, run_deepspeed
 
 from pcrl.distributed import free_port
 
@@ -48,7 +48,7 @@ def tiny_run(sample_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> P
         "train.log_every=2",
         "tracking.image_every=2",
     ]
-    proc = _deepspeed(1, overrides)
+    proc = run_deepspeed(1, overrides)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = out / "ui-run"
     assert sorted(p.name for p in (run_dir / "images").iterdir()) == [

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from view_helpers import SHAPE, render_views, smooth_volume, swap_permutation, tiny_cfg
 
-from pcrl.config import ViewsConfig
 from pcrl.views import (
     Box,
     PCRLv2Views,
@@ -38,33 +38,11 @@ from pcrl.views.ops import (
     sampling_grid,
     swap_in_place,
 )
-from tests.view_oracles import render_views, swap_permutation
 
-SHAPE = (80, 80, 48)
 SEEDS = range(200)
 
 
-def tiny_cfg(**overrides) -> ViewsConfig:
-    base = {
-        "global_size": (32, 32, 16),
-        "local_size": (8, 8, 8),
-        "global_crop_sizes": [[48, 48, 32], [48, 48, 48], [56, 56, 32], [32, 32, 16]],
-        "local_crop_sizes": [[16, 16, 8], [8, 8, 8], [16, 16, 16], [4, 4, 4]],
-        "border": (8, 8, 4),
-        "swap_patch": (4, 2, 2),
-    }
-    base.update(overrides)
-    return ViewsConfig(**base)
-
-
 NO_INTENSITY = {"blur_sigma": (0.0, 0.0), "noise_std": (0.0, 0.0), "gamma_log_range": 0.0, "swap_count": 0}
-
-
-def smooth_volume(shape=SHAPE, seed: int = 0) -> torch.Tensor:
-    """A random smooth volume in [0, 1] (trilinear upsampling of coarse noise)."""
-    g = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(1, 1, *(s // 8 + 2 for s in shape), generator=g)
-    return F.interpolate(coarse, size=shape, mode="trilinear", align_corners=False)[0, 0].contiguous()
 
 
 def random_volume(shape=(30, 26, 22), seed: int = 1) -> torch.Tensor:

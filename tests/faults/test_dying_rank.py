@@ -16,16 +16,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_pretrain import REPO, TINY, _env
-from test_resume import _rank_process
+from runs import NO_EVAL, REPO, TINY, finish, launch_without_eval, launcher_env, rank_process, wait_for
 
+from pcrl import exit_status
 from pcrl.distributed import free_port
-
-from .conftest import NO_EVAL, finish, launch, wait_for
 
 pytestmark = pytest.mark.integration
 
-EXIT_RANK_LOST = 76
 # What bounds the survivor's exit when a peer stops answering without closing its sockets; a SIGKILLed peer
 # closes them, so the survivor notices at once and the roll call (10 s) is all the waiting.
 DIST_TIMEOUT_S = 60
@@ -61,7 +58,7 @@ def test_slurm_style_ranks_survivor_names_the_killed_rank(sample_shards: Path, t
     procs, logs = [], []
     for rank in (0, 1):
         env = {
-            **_env(),
+            **launcher_env(),
             "RANK": str(rank),
             "WORLD_SIZE": "2",
             "LOCAL_RANK": str(rank),
@@ -95,7 +92,7 @@ def test_slurm_style_ranks_survivor_names_the_killed_rank(sample_shards: Path, t
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
     out = logs[0].read_text()
-    assert rc == EXIT_RANK_LOST, out[-4000:]
+    assert rc == exit_status.RANK_LOST, out[-4000:]
     assert "pretrain: stopped: rank 1 was lost (its process ended or stopped answering" in out, out[-4000:]
     # The pointer may have moved past step 2 before the kill landed; the message names the one it holds.
     assert f"Launching the same command again resumes from checkpoint {_latest(run_dir)}" in out
@@ -108,9 +105,9 @@ def test_deepspeed_launcher_stops_when_rank0_is_killed(sample_shards: Path, tmp_
     non-zero, and the survivor's message must name rank 0."""
     log = tmp_path / "ds.log"
     run_dir = tmp_path / "lost"
-    proc = launch(_overrides(sample_shards, tmp_path), log, nproc=2)
+    proc = launch_without_eval(_overrides(sample_shards, tmp_path), log, nproc=2)
     wait_for("the step-2 checkpoint", lambda: _latest(run_dir) == "step_00000002", proc, log, 400)
-    os.kill(_rank_process(proc, 0), signal.SIGKILL)
+    os.kill(rank_process(proc, 0), signal.SIGKILL)
     rc = finish(proc, log, STOP_WITHIN_S)
     out = log.read_text()
     assert rc != 0, out[-4000:]

@@ -11,14 +11,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from runs import finish, launch_without_eval
 
+from pcrl import exit_status
 from pcrl.checkpoint import verify_checkpoint
-
-from .conftest import finish, launch
 
 pytestmark = pytest.mark.integration
 
-EXIT_CHECKPOINT_WRITE = 5
 DISK_MB = 22  # room for two checkpoints of the tiny model (8.7 MB each) and not a third
 
 
@@ -52,11 +51,11 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(
         "tracking.image_every=0",
     ]
     log = tmp_path / "full.log"
-    rc = finish(launch([*common, f"run.output_dir={small_disk}", "train.max_steps=8"], log), log)
+    rc = finish(launch_without_eval([*common, f"run.output_dir={small_disk}", "train.max_steps=8"], log), log)
     out = log.read_text()
     run_dir = small_disk / "full"
     ckpt = run_dir / "checkpoints"
-    assert rc == EXIT_CHECKPOINT_WRITE, out[-4000:]
+    assert rc == exit_status.CHECKPOINT_WRITE, out[-4000:]
     assert f"pretrain: stopped: could not write checkpoint {ckpt / 'step_00000006'}" in out, out[-4000:]
     assert f"the previous checkpoint {ckpt / 'step_00000004'} is intact" in out
     assert "Traceback" not in out
@@ -69,7 +68,7 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(
     moved = tmp_path / "roomy"
     shutil.copytree(run_dir, moved / "full")
     log2 = tmp_path / "resume.log"
-    rc = finish(launch([*common, f"run.output_dir={moved}", "train.max_steps=6"], log2), log2)
+    rc = finish(launch_without_eval([*common, f"run.output_dir={moved}", "train.max_steps=6"], log2), log2)
     assert rc == 0, log2.read_text()[-4000:]
     assert f"resuming {moved / 'full'} from step 4" in log2.read_text()
     assert (moved / "full/checkpoints/latest").read_text() == "step_00000006"

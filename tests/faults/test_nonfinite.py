@@ -12,12 +12,11 @@ from typing import Any
 
 import pytest
 import torch
+from runs import finish, launch_without_eval
 
-from .conftest import finish, launch
+from pcrl import exit_status
 
 pytestmark = pytest.mark.integration
-
-EXIT_NONFINITE = 3
 
 
 def _states(run_dir: Path, step: int) -> dict[str, Any]:
@@ -45,9 +44,9 @@ def test_nonfinite_loss_skips_n_steps_then_stops(sample_shards: Path, tmp_path: 
         "tracking.enabled=false",
         "tracking.image_every=0",
     ]
-    rc = finish(launch(overrides, log), log)
+    rc = finish(launch_without_eval(overrides, log), log)
     out = log.read_text()
-    assert rc == EXIT_NONFINITE, out[-4000:]
+    assert rc == exit_status.NONFINITE, out[-4000:]
     assert "Traceback" not in out
     skipped = [int(s) for s in re.findall(r"the loss is non-finite at step (\d+); skipped", out)]
     assert len(skipped) == 2 and skipped[1] == skipped[0] + 1, out[-4000:]

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from .conftest import finish, launch
+from runs import finish, launch_without_eval
 
 pytestmark = pytest.mark.integration
 
@@ -60,11 +59,11 @@ def test_checkpoint_with_pickled_code_is_refused(sample_shards: Path, tmp_path: 
     ]
     run_dir = tmp_path / "safe"
     log = tmp_path / "safe.log"
-    assert finish(launch([*common, "train.max_steps=2"], log), log) == 0, log.read_text()[-4000:]
+    assert finish(launch_without_eval([*common, "train.max_steps=2"], log), log) == 0, log.read_text()[-4000:]
 
     marker = tmp_path / "marker"
     planted = _plant(run_dir / "checkpoints/step_00000002", marker)
-    rc = finish(launch([*common, "train.max_steps=3"], log), log)
+    rc = finish(launch_without_eval([*common, "train.max_steps=3"], log), log)
     out = log.read_text()
     assert not marker.exists(), "the planted object's code ran"
     assert rc == 2, out[-4000:]
@@ -76,7 +75,9 @@ def test_checkpoint_with_pickled_code_is_refused(sample_shards: Path, tmp_path: 
     # files (model states and the optimizer partition) load weights-only.
     shutil.rmtree(planted.parent)
     log2 = tmp_path / "resume.log"
-    assert finish(launch([*common, "train.max_steps=2"], log2), log2) == 0, log2.read_text()[-4000:]
+    assert finish(launch_without_eval([*common, "train.max_steps=2"], log2), log2) == 0, log2.read_text()[
+        -4000:
+    ]
     assert f"resuming {run_dir} from step 1" in log2.read_text()
     assert list((run_dir / "checkpoints/step_00000001").glob("*optim_states.pt"))
     assert not marker.exists()

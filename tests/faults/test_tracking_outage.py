@@ -15,13 +15,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_pretrain import REPO, _env
+from mlflow_server import MlflowServer
+from runs import REPO, finish, launch_without_eval, launcher_env, wait_for
 
-from .conftest import MlflowServer, finish, launch, wait_for
+from pcrl import exit_status
 
 pytestmark = pytest.mark.integration
-
-EXIT_PREEMPTED = 75
 
 
 def _steps(run_dir: Path) -> list[int]:
@@ -44,7 +43,7 @@ def _run_id(run_dir: Path, uri: str) -> str | None:
 
 def _sync(run_dir: Path) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "pcrl.tracking", "sync", str(run_dir)]
-    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=300)
 
 
 def test_tracking_outage_loses_nothing_and_duplicates_nothing(
@@ -65,7 +64,7 @@ def test_tracking_outage_loses_nothing_and_duplicates_nothing(
         f"tracking.uri={server.uri}",
         "tracking.retry_s=1",
     ]
-    proc = launch(overrides, log)
+    proc = launch_without_eval(overrides, log)
     try:
         # 1. Unreachable at the start: training goes on.
         wait_for("3 logged steps with the server down", lambda: len(_steps(run_dir)) >= 3, proc, log)
@@ -92,7 +91,7 @@ def test_tracking_outage_loses_nothing_and_duplicates_nothing(
         down_at = _steps(run_dir)[-1]
         wait_for("2 more steps with the server down", lambda: _steps(run_dir)[-1] >= down_at + 2, proc, log)
         os.killpg(proc.pid, signal.SIGUSR1)
-        assert finish(proc, log) == EXIT_PREEMPTED, log.read_text()[-4000:]
+        assert finish(proc, log) == exit_status.PREEMPTED, log.read_text()[-4000:]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -175,7 +174,7 @@ def test_tracking_sync_names_an_unreachable_server(tmp_path: Path) -> None:
     (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 1, "time": 0.0, "loss/total": 1.0}) + "\n")
     uri = f"http://127.0.0.1:{free_port()}"
     cmd = [sys.executable, "-m", "pcrl.tracking", "sync", str(run_dir), "--uri", uri]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert f"could not reach MLflow at {uri}" in proc.stderr and "Traceback" not in proc.stderr
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "metrics.jsonl"]

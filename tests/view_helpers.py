@@ -1,5 +1,6 @@
-"""Reference renderings the view tests compare pcrl.views against: one volume's views in one stacked
-``grid_sample`` call, and the swap permutation of freshly drawn patches. Only the tests use them."""
+"""What the view tests share: a small views config and a smooth test volume, and the reference renderings
+they compare pcrl.views against (one volume's views in one stacked ``grid_sample`` call, and the swap
+permutation of freshly drawn patches). Only the tests use them."""
 
 from __future__ import annotations
 
@@ -7,10 +8,35 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from pcrl.config import ViewsConfig
 from pcrl.views.geometry import Box, SpatialParams, draw_swaps, read_region, view_affines, view_pads
 from pcrl.views.ops import resample, swap_sources
+
+SHAPE = (80, 80, 48)
+
+
+def tiny_cfg(**overrides) -> ViewsConfig:
+    """Views small enough for many draws in a test (32×32×16 global, 8³ local), with ``overrides``."""
+    base = {
+        "global_size": (32, 32, 16),
+        "local_size": (8, 8, 8),
+        "global_crop_sizes": [[48, 48, 32], [48, 48, 48], [56, 56, 32], [32, 32, 16]],
+        "local_crop_sizes": [[16, 16, 8], [8, 8, 8], [16, 16, 16], [4, 4, 4]],
+        "border": (8, 8, 4),
+        "swap_patch": (4, 2, 2),
+    }
+    base.update(overrides)
+    return ViewsConfig(**base)
+
+
+def smooth_volume(shape=SHAPE, seed: int = 0) -> torch.Tensor:
+    """A random smooth volume in [0, 1] (trilinear upsampling of coarse noise)."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(1, 1, *(s // 8 + 2 for s in shape), generator=g)
+    return F.interpolate(coarse, size=shape, mode="trilinear", align_corners=False)[0, 0].contiguous()
 
 
 def render_views(
