@@ -36,6 +36,7 @@ import numpy as np
 
 from data_prep.prepare import detect_modality, intensity_policy, resample
 from data_prep.readers import load_volume
+from pcrl.io import atomic_path, write_atomic
 
 __all__ = ["AAL_NAME", "CASES_NAME", "default_output", "main", "prepare_aal", "prepare_labelled"]
 
@@ -84,11 +85,10 @@ def prepare_labelled(
         label = (label >= 0.5).astype(np.uint8)
         voxel = [float(round(v, 6)) for v in np.linalg.norm(affine[:3, :3], axis=0)]
         target = output / f"{name}.npz"
-        tmp = target.with_name(f".{target.stem}.{os.getpid()}.tmp.npz")
-        np.savez_compressed(
-            tmp, image=stored, label=label, spacing=np.array(voxel), modality=np.array(modality)
-        )
-        tmp.replace(target)
+        with atomic_path(target) as tmp, tmp.open("wb") as f:
+            np.savez_compressed(
+                f, image=stored, label=label, spacing=np.array(voxel), modality=np.array(modality)
+            )
         cases.append(
             {
                 "name": name,
@@ -100,9 +100,7 @@ def prepare_labelled(
                 "source": samples[name].name,
             }
         )
-    tmp = index.with_name(f".{index.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"cases": cases}, indent=1) + "\n")
-    tmp.replace(index)
+    write_atomic(index, json.dumps({"cases": cases}, indent=1) + "\n")
     return index
 
 
@@ -152,17 +150,16 @@ def prepare_aal(files: Mapping[str, Path], output: Path) -> Path:
     midline = float(-image.affine[0, 3] / image.affine[0, 0])
     output.mkdir(parents=True, exist_ok=True)
     target = output / "colin27.npz"
-    tmp = target.with_name(f".{target.stem}.{os.getpid()}.tmp.npz")
-    np.savez_compressed(
-        tmp,
-        image=stored,
-        regions=regions.astype(np.uint8),
-        region_names=np.array(names),
-        region_codes=np.array(codes, dtype=np.int64),
-        spacing=np.array([float(v) for v in image.spacing]),
-        midline_x=np.array(midline),
-    )
-    tmp.replace(target)
+    with atomic_path(target) as tmp, tmp.open("wb") as f:
+        np.savez_compressed(
+            f,
+            image=stored,
+            regions=regions.astype(np.uint8),
+            region_names=np.array(names),
+            region_codes=np.array(codes, dtype=np.int64),
+            spacing=np.array([float(v) for v in image.spacing]),
+            midline_x=np.array(midline),
+        )
     meta = {
         "name": "colin27",
         "file": target.name,
@@ -172,9 +169,7 @@ def prepare_aal(files: Mapping[str, Path], output: Path) -> Path:
         "midline_x": midline,
         "source": [files[k].name for k in ("colin27_ch2", "colin27_aal", "colin27_aal_txt")],
     }
-    tmp = index.with_name(f".{index.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(meta, indent=1) + "\n")
-    tmp.replace(index)
+    write_atomic(index, json.dumps(meta, indent=1) + "\n")
     return index
 
 

@@ -213,7 +213,7 @@ def _previous(ckpt_dir: Path) -> Path | None:
         return None
 
 
-def _pick_tag(run_dir: Path) -> tuple[str | None, str | None]:
+def _usable_tag(run_dir: Path) -> tuple[str | None, str | None]:
     """(tag to resume from, None) or (None, error message); (None, None) for a fresh run folder."""
     ckpt_dir = checkpoint_dir(run_dir)
     pointer = ckpt_dir / "latest"
@@ -251,7 +251,7 @@ def find_resume_tag(run_dir: Path) -> str | None:
     Raises:
         RuntimeError: ``latest`` exists but neither it nor any older tag passes :func:`verify_checkpoint`.
     """
-    picked = _pick_tag(Path(run_dir)) if distributed.is_main() else None
+    picked = _usable_tag(Path(run_dir)) if distributed.is_main() else None
     tag, error = distributed.broadcast_object(picked)
     if error is not None:
         raise RuntimeError(error)

@@ -139,19 +139,16 @@ def _check_runtime(cfg: PretrainConfig, world: int) -> None:
     if cfg.engine.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("engine.precision: fp16 needs a GPU; use bf16 or fp32 on CPU")
     if cfg.engine.precision == "bf16" and not torch.cuda.is_available() and not cpu_has_bf16():
-        # Without AVX512-BF16/AMX, torch runs bf16 3D convolutions on a reference kernel (measured ~40x
-        # slower than fp32 on an AVX2-only EPYC): legal, but almost never what the user wants.
+        # Without AVX512-BF16/AMX, torch runs bf16 3D convolutions on a reference kernel, tens of times
+        # slower than fp32 (docs/benchmarks.md): legal, but almost never what the user wants.
         logger.warning(
             "engine.precision=bf16 on a CPU without bf16 instructions (avx512_bf16/amx_bf16): convolutions "
             "fall back to a slow kernel; engine.precision=fp32 is much faster here"
         )
     if cfg.views.backend == "dali":
-        from pcrl.views import dali_available
+        from pcrl.views.dali import require_dali
 
-        if not dali_available():
-            raise ConfigError(
-                "views.backend: dali needs NVIDIA DALI: pip install 'pcrl[dali]', or use views.backend=torch"
-            )
+        require_dali()
 
 
 def cpu_has_bf16() -> bool:

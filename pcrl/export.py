@@ -37,7 +37,7 @@ from pcrl.checkpoint import (
     verify_checkpoint,
 )
 from pcrl.config import PretrainConfig, config_hash, load_config
-from pcrl.io import file_sha256
+from pcrl.io import atomic_path, file_sha256
 from pcrl.model import PCRLv2Encoder
 
 __all__ = [
@@ -67,7 +67,8 @@ class EncoderLoadError(ValueError):
     The message lists every missing, unexpected and mis-shaped tensor."""
 
 
-def _pick_tag(run_dir: Path, step: int | None) -> str:
+def _export_tag(run_dir: Path, step: int | None) -> str:
+    """The verified tag of checkpoint ``step``, or the one a resume would take when ``step`` is None."""
     ckpt_dir = checkpoint_dir(run_dir)
     tags = sorted(p.name for p in ckpt_dir.glob("step_*") if checkpoint_step(p.name) is not None)
     if step is None:
@@ -190,24 +191,18 @@ def export_encoder(run_dir: Path, step: int | None = None, output: Path | None =
     from safetensors.torch import save_file
 
     run_dir = Path(run_dir)
-    tag = _pick_tag(run_dir, step)
+    tag = _export_tag(run_dir, step)
     tag_dir = checkpoint_dir(run_dir) / tag
     cfg = load_config(tag_dir / "config.yaml")
     tensors, trained_dtype = _encoder_tensors(tag_dir)
     output = Path(output) if output is not None else run_dir
     output.mkdir(parents=True, exist_ok=True)
     weights, meta_path = output / ENCODER_WEIGHTS, output / ENCODER_META
-    tmp_weights = weights.with_name(f".{weights.name}.{os.getpid()}.tmp")
-    tmp_meta = meta_path.with_name(f".{meta_path.name}.{os.getpid()}.tmp")
-    try:
+    # The metadata (which holds the weights' digest) replaces the old one last.
+    with atomic_path(meta_path) as tmp_meta, atomic_path(weights) as tmp_weights:
         save_file(tensors, str(tmp_weights), metadata={"format": ENCODER_FORMAT})
         meta = _metadata(cfg, checkpoint_step(tag) or 0, trained_dtype, file_sha256(tmp_weights))
         tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
-        tmp_weights.replace(weights)
-        tmp_meta.replace(meta_path)
-    finally:
-        tmp_weights.unlink(missing_ok=True)
-        tmp_meta.unlink(missing_ok=True)
     logger.info("exported the encoder of %s (step %s) to %s", run_dir, checkpoint_step(tag), output)
     return weights, meta_path
 

@@ -50,6 +50,7 @@ from pcrl.config import (
     flatten_config,
     load_schema,
 )
+from pcrl.io import write_atomic
 from pcrl.model import LUConv, PCRLv2Encoder
 from pcrl.probe import class_accuracy, class_auc
 from pcrl.tasks import (
@@ -453,12 +454,6 @@ def _markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run the whole protocol of ``cfg`` and write ``results.json`` / ``results.md`` in ``cfg.run_dir``.
 
@@ -571,9 +566,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     }
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
-    _write(run_dir / "results.md", _markdown(results))
-    _write(run_dir / "config.json", json.dumps(config_to_dict(cfg), indent=2) + "\n")  # type: ignore[arg-type]
+    write_atomic(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    write_atomic(run_dir / "results.md", _markdown(results))
+    write_atomic(run_dir / "config.json", json.dumps(config_to_dict(cfg), indent=2) + "\n")  # type: ignore[arg-type]
 
     tracker = Tracker(run_dir, cfg.tracking.uri, cfg.tracking.experiment, enabled=cfg.tracking.enabled)
     tracker.start(cfg.run.name, flatten_config(cfg))  # type: ignore[arg-type]

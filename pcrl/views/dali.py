@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pcrl.config import ViewsConfig
+from pcrl.config import ConfigError, ViewsConfig
 from pcrl.views.ops import SpatialViews, add_outside_fill, blur, blur_window, region_list
 
 __all__ = ["DALISpatial", "dali_available", "require_dali"]
@@ -53,11 +53,11 @@ def dali_available() -> bool:
 
 
 def require_dali() -> None:
-    """Raise ImportError with the fix when DALI is missing."""
+    """Raise ConfigError (naming ``views.backend`` and the fix) when DALI is missing."""
     if not dali_available():
-        raise ImportError(
-            "views.backend=dali needs NVIDIA DALI: pip install 'pcrl[dali]' (nvidia-dali-cuda120), "
-            "or set views.backend=torch"
+        raise ConfigError(
+            "views.backend: dali needs NVIDIA DALI: pip install 'pcrl[dali]' (nvidia-dali-cuda120), "
+            "or use views.backend=torch"
         )
 
 
