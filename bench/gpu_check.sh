@@ -11,7 +11,7 @@
 #   evidence  does pretraining help at the paper's width? bench/probe.py (PCRLv2 against random
 #           initialisations and the restoration-only ablation on the AAL task) on the GPU, with the CPU
 #           recipe's views at base width 32; needs the sample volumes in .cache/samples (the GPU machine has no
-#           network: fetch them here with python -m data_prep.fetch --set pretrain --source colin27 and carry
+#           network: fetch them here with python -m data_prep.fetch --set pretrain, then --source colin27, and carry
 #           .cache/samples, 43 MB). EVIDENCE_SEEDS (default "0 1") and EVIDENCE_STEPS (default 300) size it
 # Results go to $OUT (default /tmp/pcrl-gpu-check), one JSON or log per run, and a summary on stdout. The
 # whole check stays within BUDGET_S seconds (default 450): each run gets its own limit, cut to what is left.

@@ -135,7 +135,7 @@ def main() -> None:
     cfg = ViewsConfig()
     volumes = load_volumes(args.shards)
     if not volumes:
-        raise SystemExit(f"no volumes in {args.shards}: make demo shards first (python -m data_prep.demo)")
+        raise SystemExit(f"no volumes in {args.shards}: run make demo first, or pass --shards")
     b = args.batch
     views = PCRLv2Views(cfg)
 
@@ -196,9 +196,8 @@ def main() -> None:
         "dali_cpu": lambda: rate(run_dali, args.samples),
     }
     if torch.cuda.is_available():
-        # warm up on every pre-cut batch twice and time thousands of samples: on a freshly started H100 a run
-        # of 1,024 samples at batch 32 after one warm-up batch measured 680 samples/s, later runs of 4,096
-        # 2,200-2,320 (cause not isolated: the machine's first CUDA process, clocks, allocator growth)
+        # Warm up on every pre-cut batch twice and time thousands of samples: a freshly started GPU's first
+        # short run is several times slower than the later ones (docs/benchmarks.md).
         warm = 2 * len(gpu_batches)
         variants["torch_gpu"] = lambda: rate(run_torch_gpu, args.gpu_samples, sync=True, warmup=warm)
         variants["dali_gpu"] = lambda: rate(
