@@ -19,7 +19,7 @@ import SimpleITK as sitk
 from data_prep import fetch
 from data_prep.readers import canonicalize, load_volume
 from data_prep.shard import assign_split, main, parse_splits, patient_hash, resample, shard_volumes
-from pcrl.data import read_manifest, read_volume
+from pcrl.shards import read_manifest, read_volume
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED_SHAPES = {  # after resampling to 1 mm: floor(n · spacing), tolerant to header rounding
