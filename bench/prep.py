@@ -93,7 +93,7 @@ def zarr_parent_seconds(records: list, out: Path) -> dict[str, float]:
     from zarr.codecs import BloscCodec
 
     from data_prep.zarr_writer import CHUNK, ZarrWriter, encode_array
-    from pcrl.data import encode_volume, read_volume
+    from pcrl.shards import encode_volume, read_volume
 
     out.mkdir(parents=True, exist_ok=True)
     writer = ZarrWriter(out)

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pcrl.config import ViewsConfig
-from pcrl.data import read_manifest, read_volume, threshold_to_unit, to_unit_range
+from pcrl.shards import read_manifest, read_volume, threshold_to_unit, to_unit_range
 from pcrl.views import DALISpatial, PCRLv2Views, ViewPlan, collate_draws, dali_available
 
 VARIANTS = ("torchio", "torch_cpu", "dali_cpu", "torch_gpu", "dali_gpu")

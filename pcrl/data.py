@@ -1,121 +1,73 @@
-"""The shard contract and the streaming loader that feeds training processes.
+"""The streaming loader that feeds training processes, and the fixed views that evaluation and pictures show.
 
-Shards (written by ``python -m data_prep.shard``) are uncompressed tar files of samples
-``<key>.image.npy.zst`` (the ``.npy`` bytes of one (X, Y, Z) volume, zstd-compressed) and
-``<key>.meta.json``; ``manifest.jsonl`` beside them records where each member's bytes start, so one
-volume is read with a single seek instead of scanning the tar.
-
-The loader is deterministic and independent of worker timing: each epoch draws one permutation of the
-manifest from ``(seed, epoch)`` on every rank, consumer ``c`` of ``world_size × num_workers`` takes every
-``consumers``-th volume of it, and every view is rendered with a seed derived from
-``(seed, epoch, position in the permutation, pair)``.
+The loader reads the shards of :mod:`pcrl.shards` (the contract with ``data_prep``). It is deterministic
+and independent of worker timing: each epoch draws one permutation of the manifest from ``(seed, epoch)``
+on every rank, consumer ``c`` of ``world_size × num_workers`` takes every ``consumers``-th volume of it,
+and every view is rendered with a seed derived from ``(seed, epoch, position in the permutation, pair)``
+(:func:`derive_seed`). A loader built with ``start_batches=N`` continues exactly where one that has handed
+out N batches stands; that is how a run resumes.
 
 Example::
 
-    records = read_manifest("shards/", split="train")
-    volume, meta = read_volume(records[0])  # (X, Y, Z) int16 HU or float16 in [0, 1]
     loader = build_loader(cfg, PCRLv2Views(cfg.views), rank=0, world_size=1)
+    state = loader.dataset.loader_state(batches=100, num_workers=cfg.data.num_workers)  # for a checkpoint
+    loader = build_loader(cfg, PCRLv2Views(cfg.views), rank=0, world_size=1, start_batches=100)  # resumes
 """
 
 from __future__ import annotations
 
 import atexit
 import functools
-import glob
-import hashlib
 import importlib
-import io
-import json
 import logging
-import os
-import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from pcrl.shards import SampleRecord, read_manifest, read_volume, threshold_to_unit, to_unit_range
+
 if TYPE_CHECKING:
     from pcrl.config import PretrainConfig
+    from pcrl.views import PCRLv2Views
+
+# re-exported for data_prep until it imports pcrl.shards
+from pcrl.shards import (  # noqa: F401
+    CT_HU_RANGE,
+    IMAGE_SUFFIX,
+    MANIFEST_KEYS,
+    MANIFEST_NAME,
+    META_SUFFIX,
+    SPLITS,
+    SampleRecord,  # noqa: F811
+    encode_volume,
+    middle_planes,
+    read_volume,  # noqa: F811
+)
 
 __all__ = [
-    "CT_HU_RANGE",
-    "IMAGE_SUFFIX",
-    "MANIFEST_KEYS",
-    "MANIFEST_NAME",
-    "META_SUFFIX",
     "BadDataError",
-    "SampleRecord",
     "ViewLoader",
     "VolumeStream",
     "build_loader",
-    "collate_views",
-    "decode_volume",
-    "encode_volume",
-    "middle_planes",
-    "read_manifest",
-    "read_region",
-    "read_volume",
-    "split_or_fallback",
-    "threshold_to_unit",
-    "to_unit_range",
+    "derive_seed",
+    "fixed_views",
 ]
 
 logger = logging.getLogger(__name__)
 
-# --- the shard contract (data_prep writes it, this module reads it) -------------------------------------
 
-MANIFEST_NAME = "manifest.jsonl"
-IMAGE_SUFFIX = "image.npy.zst"
-META_SUFFIX = "meta.json"
-CT_HU_RANGE = (-1024, 3071)
-"""CT is stored as int16 Hounsfield units clipped to this range."""
-ZSTD_LEVEL = 3
-MANIFEST_KEYS = (
-    "key",
-    "shard",
-    "offset",
-    "size",
-    "meta_offset",
-    "meta_size",
-    "shape",
-    "spacing",
-    "modality",
-    "dtype",
-    "split",
-    "checksum",
-    "source",
-)
-"""Keys every manifest line has (extra keys are allowed and ignored by the loader)."""
-SPLITS = ("train", "val", "test")
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed that is a pure function of ``keys`` (non-negative integers): the first 64-bit word
+    ``np.random.SeedSequence(keys)`` generates, shifted right by one bit (so it fits a signed int64).
 
-
-def encode_volume(array: np.ndarray) -> tuple[bytes, str]:
-    """Serialise a volume as zstd-compressed ``.npy`` bytes.
-
-    Returns:
-        The compressed bytes and the sample key: the first 16 hex digits of the sha256 of the
-        *uncompressed* ``.npy`` bytes (dtype, shape and values), so the key does not depend on the zstd
-        version or level.
+    Every derived seed of pcrl comes from here: the loader's per-sample seeds ``(seed, epoch, position,
+    pair)``, its DataLoader generator ``(seed, rank, 0x10AD)``, and the fixed views of :func:`fixed_views`,
+    each with a stream constant of its own among the keys.
     """
-    import zstandard
-
-    buf = io.BytesIO()
-    np.lib.format.write_array(buf, np.ascontiguousarray(array), version=(1, 0), allow_pickle=False)
-    raw = buf.getvalue()
-    key = hashlib.sha256(raw).hexdigest()[:16]
-    # The frame checksum (xxhash64, nearly free) makes a flipped bit in a shard fail the decode.
-    return zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).compress(raw), key
-
-
-def decode_volume(data: bytes) -> np.ndarray:
-    """Inverse of :func:`encode_volume`: zstd-decompress and parse the ``.npy`` bytes (no pickles)."""
-    import zstandard
-
-    raw = zstandard.ZstdDecompressor().decompress(data)
-    return np.load(io.BytesIO(raw), allow_pickle=False)
+    state = np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0]
+    return int(state >> np.uint64(1))
 
 
 class BadDataError(ValueError):
@@ -128,378 +80,26 @@ class BadDataError(ValueError):
         return str(error).rsplit("BadDataError: ", 1)[-1].strip()
 
 
-# --- manifest ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SampleRecord:
-    """One volume of a shard set, as listed in ``manifest.jsonl`` (shard path made absolute)."""
-
-    key: str
-    shard: Path
-    """Absolute path of the tar file holding the sample."""
-    offset: int
-    """Byte offset of the image member's data inside the tar."""
-    size: int
-    """Compressed size of the image member in bytes."""
-    meta_offset: int
-    meta_size: int
-    shape: tuple[int, int, int]
-    """(X, Y, Z) voxels."""
-    spacing: tuple[float, float, float]
-    """(x, y, z) mm."""
-    modality: str
-    """``ct`` (int16 HU) or ``mr`` (float16 in [0, 1])."""
-    dtype: str
-    split: str
-    checksum: str
-    """``sha256:<hex>`` of the compressed image bytes (Zarr: of the uncompressed ``.npy`` bytes)."""
-    source: str
-    format: str = "webdataset"
-    """``webdataset`` (``shard`` is a tar, read by offset) or ``zarr`` (``shard`` is one Zarr v3 array)."""
-
-    @classmethod
-    def from_line(cls, line: Mapping[str, Any], root: Path) -> SampleRecord:
-        """Build a record from a parsed manifest line; ``root`` is the manifest's folder."""
-        missing = [k for k in MANIFEST_KEYS if k not in line]
-        if missing:
-            raise ValueError(f"missing keys {missing}")
-        shape = tuple(int(v) for v in line["shape"])
-        spacing = tuple(float(v) for v in line["spacing"])
-        if len(shape) != 3 or len(spacing) != 3:
-            raise ValueError(f"shape and spacing must have 3 values, got {list(shape)} and {list(spacing)}")
-        shard = Path(os.path.abspath(root / str(line["shard"])))
-        if not shard.is_relative_to(os.path.abspath(root)):
-            # A manifest names files of its own folder; one that points elsewhere is damaged or hostile.
-            raise ValueError(
-                f"shard {line['shard']!r} lies outside the manifest's folder; refusing to read it"
-            )
-        return cls(
-            key=str(line["key"]),
-            shard=shard,
-            offset=int(line["offset"]),
-            size=int(line["size"]),
-            meta_offset=int(line["meta_offset"]),
-            meta_size=int(line["meta_size"]),
-            shape=shape,  # type: ignore[arg-type]
-            spacing=spacing,  # type: ignore[arg-type]
-            modality=str(line["modality"]),
-            dtype=str(line["dtype"]),
-            split=str(line["split"]),
-            checksum=str(line["checksum"]),
-            source=str(line["source"]),
-            format=str(line.get("format", "webdataset")),
-        )
-
-
-def _expand_braces(pattern: str) -> list[str]:
-    """``a/{b,c}/d`` → ``[a/b/d, a/c/d]``; nested groups expand innermost first."""
-    m = re.search(r"\{([^{}]*)\}", pattern)
-    if m is None:
-        return [pattern]
-    out: list[str] = []
-    for alt in m.group(1).split(","):
-        out.extend(_expand_braces(pattern[: m.start()] + alt + pattern[m.end() :]))
-    return out
-
-
-def _find_manifests(shards: str | os.PathLike[str]) -> list[Path]:
-    text = os.path.expanduser(str(shards))
-    if not text:
-        raise ValueError(
-            "data.shards is empty: set it to a shard folder, a manifest.jsonl or a glob of folders"
-        )
-    manifests: list[Path] = []
-    for pattern in _expand_braces(text):
-        if any(ch in pattern for ch in "*?["):
-            matches = sorted(glob.glob(pattern, recursive=True))
-            if not matches:
-                raise FileNotFoundError(f"no shard folder or manifest matches {pattern!r} (from {text!r})")
-        else:
-            matches = [pattern]
-        for match in matches:
-            path = Path(match)
-            if path.is_dir():
-                path = path / MANIFEST_NAME
-                if not path.is_file():
-                    raise FileNotFoundError(
-                        f"{match} has no {MANIFEST_NAME}: is it a shard folder written by data_prep.shard?"
-                    )
-            elif not path.is_file():
-                raise FileNotFoundError(f"shard folder or manifest {match} does not exist")
-            manifests.append(path)
-    # The same folder reached through two patterns is read once.
-    unique: dict[Path, Path] = {}
-    for m in manifests:
-        unique.setdefault(m.resolve(), m)
-    return list(unique.values())
-
-
-def read_manifest(shards: str | os.PathLike[str], split: str = "train") -> list[SampleRecord]:
-    """Read the records of one split from one or more shard folders.
-
-    Args:
-        shards: a shard folder holding ``manifest.jsonl``, a manifest path, or a glob / brace pattern
-            (``/data/{ct,mr}/shards``, ``/data/*/shards``) of such folders or files.
-        split: ``train``, ``val``, ``test`` or ``all``.
-
-    Returns:
-        Records in manifest order (manifests in sorted pattern order); shard paths are absolute.
-
-    Raises:
-        FileNotFoundError: nothing matches, or a folder has no manifest.
-        ValueError: a malformed manifest line, an unknown split, or no volume in the split.
-    """
-    if split not in (*SPLITS, "all"):
-        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)} or all")
-    records: list[SampleRecord] = []
-    seen: dict[str, Path] = {}
-    counts: dict[str, int] = {}
-    manifests = _find_manifests(shards)
-    for manifest in manifests:
-        root = manifest.parent
-        with manifest.open("r", encoding="utf-8") as f:
-            for lineno, text in enumerate(f, 1):
-                if not text.strip():
-                    continue
-                try:
-                    line = json.loads(text)
-                    if not isinstance(line, dict):
-                        raise ValueError(f"expected a JSON object, got {type(line).__name__}")
-                    record = SampleRecord.from_line(line, root)
-                except (ValueError, TypeError) as e:
-                    raise ValueError(f"{manifest}:{lineno}: malformed manifest line: {e}") from None
-                counts[record.split] = counts.get(record.split, 0) + 1
-                if split != "all" and record.split != split:
-                    continue
-                if record.key in seen:
-                    # The same volume sharded twice would be seen twice per epoch.
-                    logger.warning(
-                        "volume %s is listed in both %s and %s; using the first",
-                        record.key,
-                        seen[record.key],
-                        manifest,
-                    )
-                    continue
-                seen[record.key] = manifest
-                records.append(record)
-    if not records:
-        where = ", ".join(str(m) for m in manifests)
-        raise ValueError(
-            f"no volumes with split {split!r} in {where} (splits present: {counts or 'none'}); "
-            "choose another data.split or re-shard with a --split that includes it"
-        )
-    return records
-
-
-# --- reading one volume -----------------------------------------------------------------------------
-
-
-def _read_at(f: io.BufferedReader, offset: int, size: int, what: str, record: SampleRecord) -> bytes:
-    f.seek(offset)
-    data = f.read(size)
-    if len(data) != size:
-        raise ValueError(
-            f"{record.shard}: {what} of volume {record.key} is truncated (read {len(data)} of {size} bytes at "
-            f"offset {offset}); the shard is incomplete or the manifest belongs to another shard set"
-        )
-    return data
-
-
-def read_volume(record: SampleRecord, verify: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
-    """Read one volume by seeking into its shard.
-
-    Args:
-        record: the manifest record.
-        verify: also check the sha256 of the compressed bytes (measured: +10–35 % per read, ~1 GB/s).
-
-    Returns:
-        The (X, Y, Z) array in its stored dtype (int16 HU for CT, float16 in [0, 1] for MR) and the
-        sample's metadata dict (``meta.json``).
-
-    Raises:
-        ValueError: truncated shard, checksum mismatch, or an array that does not match the record.
-    """
-    if record.format == "zarr":
-        return _read_zarr(record, verify)
-    with open(record.shard, "rb") as f:
-        data = _read_at(f, record.offset, record.size, "image", record)
-        meta_bytes = _read_at(f, record.meta_offset, record.meta_size, "metadata", record)
-    if verify:
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        if digest != record.checksum:
-            raise ValueError(
-                f"{record.shard}: checksum mismatch for volume {record.key} ({digest} != {record.checksum})"
-            )
-    try:
-        array = decode_volume(data)
-    except Exception as e:
-        raise ValueError(
-            f"{record.shard}: cannot decode volume {record.key} at offset {record.offset}: {e}"
-        ) from e
-    if tuple(array.shape) != tuple(record.shape) or str(array.dtype) != record.dtype:
-        raise ValueError(
-            f"{record.shard}: volume {record.key} is {array.dtype}{list(array.shape)} but the manifest says "
-            f"{record.dtype}{list(record.shape)}"
-        )
-    return array, json.loads(meta_bytes)
-
-
-def _open_zarr(record: SampleRecord) -> Any:
-    import zarr
-
-    try:
-        return zarr.open_array(store=str(record.shard), mode="r", zarr_format=3)
-    except Exception as e:  # FileNotFoundError, zarr's own errors for a missing or broken zarr.json
-        raise ValueError(f"{record.shard}: cannot open the Zarr array of volume {record.key}: {e}") from e
-
-
-def _read_zarr(record: SampleRecord, verify: bool) -> tuple[np.ndarray, dict[str, Any]]:
-    z = _open_zarr(record)
-    array = np.asarray(z[...])
-    if tuple(array.shape) != tuple(record.shape) or str(array.dtype) != record.dtype:
-        raise ValueError(
-            f"{record.shard}: volume {record.key} is {array.dtype}{list(array.shape)} but the manifest says "
-            f"{record.dtype}{list(record.shape)}"
-        )
-    if verify:
-        buf = io.BytesIO()
-        np.lib.format.write_array(buf, np.ascontiguousarray(array), version=(1, 0), allow_pickle=False)
-        digest = "sha256:" + hashlib.sha256(buf.getvalue()).hexdigest()
-        if digest != record.checksum:
-            raise ValueError(
-                f"{record.shard}: checksum mismatch for volume {record.key} ({digest} != {record.checksum})"
-            )
-    return array, dict(z.attrs)
-
-
-def read_region(record: SampleRecord, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
-    """Read the box ``[start, start + size)`` of one volume.
-
-    A Zarr record reads only the chunks the box touches; a WebDataset record decodes the whole volume
-    (its image is one compressed blob) and slices it.
-
-    Args:
-        record: the manifest record.
-        start: (x, y, z) first voxel.
-        size: (x, y, z) voxels, with ``start + size <= record.shape``.
-
-    Returns:
-        The (size_x, size_y, size_z) array in the stored dtype.
-
-    Raises:
-        ValueError: a box outside the volume.
-    """
-    if (
-        len(start) != 3
-        or len(size) != 3
-        or any(s < 0 or n < 1 or s + n > m for s, n, m in zip(start, size, record.shape, strict=True))
-    ):
-        raise ValueError(
-            f"region start={list(start)} size={list(size)} is not inside volume {record.key} of shape "
-            f"{list(record.shape)}"
-        )
-    box = tuple(slice(int(s), int(s) + int(n)) for s, n in zip(start, size, strict=True))
-    if record.format == "zarr":
-        return np.asarray(_open_zarr(record)[box])
-    array, _ = read_volume(record)
-    return np.ascontiguousarray(array[box])
-
-
-def middle_planes(volume: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Axial, coronal and sagittal middle planes of an (X, Y, Z) RAS+ array, in radiological orientation.
-
-    Here, beside the array contract, because both the training pictures (:mod:`pcrl.figures`) and the
-    QA sheet of ``data_prep`` (which imports the shard contract, not the training side of pcrl) draw
-    volumes with it.
-
-    Every plane is transposed so its second in-plane axis runs down the rows, then flipped both ways: axial
-    (x, y) has anterior up and the patient's right on the left; coronal (x, z) has superior up and the
-    right on the left; sagittal (y, z) has superior up and anterior on the left.
-
-    Returns:
-        (Y, X), (Z, X) and (Z, Y) arrays; row 0 is the top of the picture.
-    """
-    v = np.asarray(volume, dtype=np.float32)
-    x, y, z = (s // 2 for s in v.shape)
-    return tuple(p.T[::-1, ::-1] for p in (v[:, :, z], v[:, y, :], v[x, :, :]))  # type: ignore[return-value]
-
-
-def to_unit_range(array: np.ndarray, modality: str, ct_window: Sequence[float]) -> torch.Tensor:
-    """Map a stored volume to float32 in [0, 1].
-
-    Args:
-        array: (X, Y, Z) stored volume.
-        modality: ``ct`` (HU, windowed linearly and clipped) or ``mr`` (already in [0, 1]).
-        ct_window: (low, high) HU mapped to 0 and 1.
-
-    Returns:
-        (X, Y, Z) float32 tensor in [0, 1].
-    """
-    t = torch.from_numpy(np.array(array, dtype=np.float32))  # a writable copy: the ops below are in place
-    if modality == "ct":
-        lo, hi = float(ct_window[0]), float(ct_window[1])
-        if not hi > lo:
-            raise ValueError(f"ct_window must be (low, high) with low < high, got {list(ct_window)}")
-        return t.sub_(lo).div_(hi - lo).clamp_(0.0, 1.0)
-    if modality == "mr":
-        return t.clamp_(0.0, 1.0)
-    raise ValueError(f"unknown modality {modality!r}; expected 'ct' or 'mr'")
-
-
-def threshold_to_unit(threshold_hu: float | None, modality: str, ct_window: Sequence[float]) -> float | None:
-    """The tissue threshold in HU as a value of the loader's [0, 1] CT window; ``None`` (no filter) for MR or
-    when ``threshold_hu`` is ``None``."""
-    if threshold_hu is None or modality != "ct":
-        return None
-    lo, hi = float(ct_window[0]), float(ct_window[1])
-    return (float(threshold_hu) - lo) / (hi - lo)
-
-
-def split_or_fallback(
-    shards: str | os.PathLike[str], split: str, fallback: str
-) -> tuple[list[SampleRecord], bool]:
-    """The records of ``split``, or of ``fallback`` when ``split`` holds none (a shard set without a held-out
-    split): the fixed volumes that the validation metric and the reconstruction panel show.
-
-    Returns:
-        The records in manifest order, and whether they came from ``fallback``.
-
-    Raises:
-        FileNotFoundError / ValueError: as :func:`read_manifest` (no manifest, no volume at all).
-    """
-    every = read_manifest(shards, "all")
-    records = [r for r in every if split == "all" or r.split == split]
-    if records:
-        return records, False
-    return [r for r in every if fallback == "all" or r.split == fallback], True
-
-
 # --- the stream -------------------------------------------------------------------------------------
 
 Transform = Callable[[torch.Tensor, int, "float | None"], dict[str, Any]]
 
 
-def _sample_seed(seed: int, epoch: int, index: int, pair: int) -> int:
-    """A 63-bit seed, a pure function of (seed, epoch, position in the epoch's permutation, pair)."""
-    state = np.random.SeedSequence([seed, epoch, index, pair]).generate_state(1, dtype=np.uint64)[0]
-    return int(state >> np.uint64(1))
-
-
 class VolumeStream(torch.utils.data.IterableDataset):
-    """An endless, deterministic stream of rendered views, split over ranks and loader workers.
+    """An endless, deterministic stream of samples, split over ranks and loader workers.
 
     Epoch ``e`` permutes the records with ``np.random.default_rng([seed, e])`` (the same on every rank).
     There are ``world_size × num_workers`` consumers (one when the loader has no workers); consumer
     ``c = rank·num_workers + worker_id`` takes ``perm[c::consumers]``, cut to ``len(records) // consumers``
     so that every consumer yields the same number of samples per epoch (the remainder is skipped for that
     epoch, and differs from epoch to epoch). Each volume yields ``pairs_per_volume`` samples:
-    ``transform(volume, sample_seed, tissue_threshold) | {"key": record.key}``.
+    ``transform(volume, derive_seed(seed, epoch, position, pair), tissue_threshold) | {"key": record.key}``,
+    ``position`` being the volume's place in the epoch's permutation.
 
     Args:
-        records: the volumes (e.g. from :func:`read_manifest`).
+        records: the volumes (e.g. from :func:`pcrl.shards.read_manifest`).
         transform: ``(volume (X, Y, Z) float32 in [0, 1], seed, tissue_threshold) -> dict`` (picklable when
-            the loader has workers).
+            the loader has workers); :func:`build_loader` passes :meth:`pcrl.views.PCRLv2Views.draw`.
         rank: this process's rank.
         world_size: number of ranks.
         seed: the run seed.
@@ -507,11 +107,11 @@ class VolumeStream(torch.utils.data.IterableDataset):
         pairs_per_volume: samples rendered from one decoded volume.
         tissue_threshold_hu: tissue threshold in HU, passed to the transform in [0, 1] units for CT and as
             ``None`` for MR; ``None`` turns it off.
-        start: ``(epoch, cursor)`` to start from: the epoch and the number of volumes each consumer has
-            already finished in it (see :meth:`state_dict`).
         start_batches: resume a DataLoader over this stream (batches of ``batch_size``, any number of
-            workers) after it has handed out this many batches: every worker starts exactly where the
-            uninterrupted loader's worker would be (see :meth:`worker_positions`). Excludes ``start``.
+            workers, or none) after it has handed out this many batches: every worker starts exactly where
+            the uninterrupted loader's worker would be (see :meth:`worker_positions`); :meth:`loader_state`
+            is what a checkpoint records of that position and :meth:`check_loader_state` checks it. A stream
+            iterated without a DataLoader counts as a loader without workers.
         batch_size: the DataLoader's batch size (what ``start_batches`` counts in).
         verify: check each volume's checksum while reading.
         bad_volumes: what an unreadable volume (missing or truncated shard, corrupt bytes, non-finite voxels)
@@ -532,7 +132,6 @@ class VolumeStream(torch.utils.data.IterableDataset):
         ct_window: Sequence[float],
         pairs_per_volume: int = 1,
         tissue_threshold_hu: float | None = -150.0,
-        start: tuple[int, int] = (0, 0),
         start_batches: int = 0,
         batch_size: int = 1,
         verify: bool = False,
@@ -554,14 +153,10 @@ class VolumeStream(torch.utils.data.IterableDataset):
             raise ValueError(f"pairs_per_volume must be >= 1, got {pairs_per_volume}")
         if len(ct_window) != 2 or not ct_window[0] < ct_window[1]:
             raise ValueError(f"ct_window must be (low, high) with low < high, got {list(ct_window)}")
-        if start[0] < 0 or start[1] < 0:
-            raise ValueError(f"start must be (epoch, cursor) with both >= 0, got {start}")
         if start_batches < 0 or batch_size < 1:
             raise ValueError(
                 f"start_batches must be >= 0 and batch_size >= 1, got {start_batches} and {batch_size}"
             )
-        if start_batches and tuple(start) != (0, 0):
-            raise ValueError("give either start or start_batches, not both")
         self.records = list(records)
         self.transform = transform
         self.rank = rank
@@ -573,10 +168,6 @@ class VolumeStream(torch.utils.data.IterableDataset):
         self.verify = verify
         self.start_batches = int(start_batches)
         self.batch_size = int(batch_size)
-        self._start = (int(start[0]), int(start[1]))
-        # Position of the consumer iterating in *this* process (epoch, volumes finished in it). With loader
-        # workers each worker holds its own copy; exact multi-worker resume is derived from steps later.
-        self._position = self._start
 
     # -- partitioning ----------------------------------------------------------------------------------
 
@@ -634,23 +225,18 @@ class VolumeStream(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         slot, consumer, consumers = self._consumer()
-        epoch, cursor = self._start
-        first_pair = 0
-        if self.start_batches:
-            num_workers = consumers // self.world_size
-            at = self.worker_positions(self.start_batches, num_workers)[slot]
-            epoch, cursor, first_pair = at["epoch"], at["cursor"], at["pair"]
+        # Where this worker's stream stands after start_batches batches ((0, 0, 0) for a fresh loader).
+        at = self.worker_positions(self.start_batches, consumers // self.world_size)[slot]
+        epoch, cursor, first_pair = at["epoch"], at["cursor"], at["pair"]
         while True:
             indices = self.epoch_indices(epoch, consumer, consumers)
-            for done, (position, _) in enumerate(indices[cursor:], start=cursor + 1):
-                record, volume = self._read_readable(indices, done - 1)
+            for i, (position, _) in enumerate(indices[cursor:], start=cursor):
+                record, volume = self._read_readable(indices, i)
                 threshold = threshold_to_unit(self.tissue_threshold_hu, record.modality, self.ct_window)
                 for pair in range(first_pair, self.pairs_per_volume):
-                    sample = self.transform(volume, _sample_seed(self.seed, epoch, position, pair), threshold)
+                    # A 63-bit seed, a pure function of (seed, epoch, position in the permutation, pair).
+                    sample = self.transform(volume, derive_seed(self.seed, epoch, position, pair), threshold)
                     sample["key"] = record.key
-                    if pair == self.pairs_per_volume - 1:
-                        # Advance before the last yield: a generator paused there has handed this volume out.
-                        self._position = (epoch, done) if done < len(indices) else (epoch + 1, 0)
                     yield sample
                 first_pair = 0
             epoch, cursor = epoch + 1, 0
@@ -751,65 +337,6 @@ class VolumeStream(torch.utils.data.IterableDataset):
                 f"the checkpoint's data position {dict(saved)} is not where the loader resumes: {mine}"
             )
 
-    def state_dict(self) -> dict[str, Any]:
-        """The position of the consumer iterating in this process, plus what it depends on.
-
-        Exact for a loader without workers. ``start=(state["epoch"], state["cursor"])`` resumes there.
-        """
-        return {
-            "epoch": self._position[0],
-            "cursor": self._position[1],
-            "seed": self.seed,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "num_records": len(self.records),
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Start the next iteration at ``(state["epoch"], state["cursor"])``; refuses another shard set/seed."""
-        for key, mine in (
-            ("seed", self.seed),
-            ("num_records", len(self.records)),
-            ("world_size", self.world_size),
-        ):
-            if key in state and state[key] != mine:
-                raise ValueError(f"cannot resume the data stream: {key} was {state[key]}, now {mine}")
-        self._start = self._position = (int(state["epoch"]), int(state["cursor"]))
-
-
-def collate_views(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Stack per-sample view dicts into a batch.
-
-    Tensors are stacked on a new first axis (``global_views`` (2, 1, X, Y, Z) → (B, 2, 1, X, Y, Z));
-    anything else (``key`` strings, debug boxes) becomes a list of length B.
-    """
-    if not samples:
-        raise ValueError("collate_views got an empty batch")
-    names = list(samples[0])
-    for i, s in enumerate(samples[1:], 1):
-        if list(s) != names:
-            raise ValueError(f"sample {i} has keys {sorted(s)} but sample 0 has {sorted(names)}")
-    batch: dict[str, Any] = {}
-    for name in names:
-        values = [s[name] for s in samples]
-        if all(isinstance(v, torch.Tensor) for v in values):
-            shapes = {tuple(v.shape) for v in values}
-            if len(shapes) != 1:
-                raise ValueError(f"cannot stack {name!r}: shapes differ across the batch: {sorted(shapes)}")
-            batch[name] = torch.stack(values)
-        else:
-            batch[name] = values
-    if "key" in batch:
-        batch["keys"] = batch.pop("key")
-    return batch
-
-
-def _loader_seed(seed: int, rank: int) -> int:
-    """Seed of the DataLoader's own generator (its workers' base seed), a pure function of (seed, rank)."""
-    return int(
-        np.random.SeedSequence([seed, rank, 0x10AD]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)
-    )
-
 
 def _worker_init(worker_id: int) -> None:
     # A preemption signal (SIGTERM/SIGUSR1) may reach the whole process group; it is the training process's
@@ -823,7 +350,7 @@ def _worker_init(worker_id: int) -> None:
 def _kill_workers_at_exit() -> None:
     # At exit multiprocessing terminates daemonic children with SIGTERM and waits for them; loader workers
     # ignore SIGTERM (above), so a process leaving with its persistent workers alive (an error, a preemption)
-    # would wait forever. Registered after multiprocessing's own handler, so it runs first (atexit is LIFO).
+    # would wait forever.
     import multiprocessing
 
     for child in multiprocessing.active_children():
@@ -831,12 +358,17 @@ def _kill_workers_at_exit() -> None:
             child.kill()
 
 
-atexit.register(_kill_workers_at_exit)
+@functools.cache
+def _kill_workers_at_exit_once() -> None:
+    """Register :func:`_kill_workers_at_exit` once per process, when the first loader with workers is built:
+    after multiprocessing's own exit handler (registered when torch imports it), so it runs first (atexit is
+    LIFO). A process that only imports this module (``data_prep``, evaluation) keeps Python's exit as it is."""
+    atexit.register(_kill_workers_at_exit)
 
 
 def build_loader(
     cfg: PretrainConfig,
-    transform: Transform,
+    views: PCRLv2Views,
     rank: int,
     world_size: int,
     start_batches: int = 0,
@@ -849,18 +381,24 @@ def build_loader(
     workers' own RNGs are seeded from ``(run.seed, rank)``; the views never draw from them (each sample has
     its own seed), and the training process's global RNG is left untouched.
 
-    With a :class:`pcrl.views.PCRLv2Views` (torch or DALI spatial backend) as ``transform``, whole batches are
-    rendered at once: in the workers on a CPU ``device`` (default), or in this process on a GPU or by DALI,
-    through a :class:`ViewLoader`. Other transforms render per sample in the workers.
+    The workers decode volumes, draw each sample's geometry from its seed and cut the regions its views read
+    (:meth:`pcrl.views.PCRLv2Views.draw`); whole batches are rendered at once by ``views`` (a
+    :class:`pcrl.views.PCRLv2Views` with its torch or DALI spatial backend): in the workers on a CPU ``device``
+    (default), or in this process on a GPU or by DALI, through a :class:`ViewLoader`.
 
     Raises:
-        FileNotFoundError / ValueError: see :func:`read_manifest`; ValueError also when there are fewer
-            volumes than ``world_size × data.num_workers``.
+        FileNotFoundError / ValueError: see :func:`pcrl.shards.read_manifest`; ValueError also when there are
+            fewer volumes than ``world_size × data.num_workers``.
+        TypeError: ``views`` is not a renderer of :mod:`pcrl.views`.
     """
+    from pcrl.views import PCRLv2Views, TorchSpatial, collate_draws
+
+    if not isinstance(views, PCRLv2Views):
+        raise TypeError(f"build_loader renders with a pcrl.views.PCRLv2Views, got {type(views).__name__}")
     records = read_manifest(cfg.data.shards, cfg.data.split)
     stream = VolumeStream(
         records,
-        transform,
+        views.draw,
         rank=rank,
         world_size=world_size,
         seed=cfg.run.seed,
@@ -878,23 +416,19 @@ def build_loader(
     extra: dict[str, Any] = (
         {"prefetch_factor": cfg.data.prefetch_factor, "persistent_workers": True} if workers else {}
     )
-    collate: Callable[[Sequence[dict[str, Any]]], dict[str, Any]] = collate_views
-    render_here = False
-    from pcrl.views import PCRLv2Views, TorchSpatial, collate_draws
-
-    if isinstance(transform, PCRLv2Views):
-        # Workers decode, draw each sample's geometry and cut its regions; whole batches are rendered at once:
-        # by the torch renderer in the worker on a CPU, or here (a GPU, or DALI) from pinned regions.
-        device = torch.device(device if device is not None else "cpu")
-        stream.transform = transform.draw
-        render_here = device.type != "cpu" or not isinstance(transform.spatial, TorchSpatial)
-        # A GPU gets the packed float16 regions of pack_regions; DALI on a CPU gets the list of crops.
-        collate = (
-            functools.partial(collate_draws, pack=device.type != "cpu") if render_here else transform.collate
-        )
-        if not render_here:
-            # compiles the CPU renderer's kernels once here, before the workers fork, not in every worker
-            importlib.import_module("pcrl.views.cpu_kernels")
+    # Whole batches are rendered by the torch renderer in the worker on a CPU, or here (a GPU, or DALI) from
+    # pinned regions.
+    device = torch.device(device if device is not None else "cpu")
+    render_here = device.type != "cpu" or not isinstance(views.spatial, TorchSpatial)
+    # A GPU gets the packed float16 regions of pack_regions; DALI on a CPU gets the list of crops.
+    collate: Callable[[Sequence[dict[str, Any]]], dict[str, Any]] = (
+        functools.partial(collate_draws, pack=device.type != "cpu") if render_here else views.collate
+    )
+    if not render_here:
+        # compiles the CPU renderer's kernels once here, before the workers fork, not in every worker
+        importlib.import_module("pcrl.views.cpu_kernels")
+    if workers:
+        _kill_workers_at_exit_once()
     loader = torch.utils.data.DataLoader(
         stream,
         batch_size=cfg.train.micro_batch_size,
@@ -902,10 +436,11 @@ def build_loader(
         collate_fn=collate,
         pin_memory=torch.cuda.is_available(),
         worker_init_fn=_worker_init if workers else None,
-        generator=torch.Generator().manual_seed(_loader_seed(cfg.run.seed, rank)),
+        # The DataLoader's own generator (its workers' base seed), a pure function of (seed, rank).
+        generator=torch.Generator().manual_seed(derive_seed(cfg.run.seed, rank, 0x10AD)),
         **extra,
     )
-    return ViewLoader(loader, transform, device) if render_here else loader  # type: ignore[arg-type]
+    return ViewLoader(loader, views, device) if render_here else loader  # type: ignore[arg-type]
 
 
 class ViewLoader:
@@ -929,3 +464,37 @@ class ViewLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for batch in self.loader:
             yield self.views.render(batch, self.device)
+
+
+# --- fixed views ------------------------------------------------------------------------------------
+
+
+def fixed_views(
+    cfg: PretrainConfig,
+    views: PCRLv2Views,
+    samples: Sequence[tuple[SampleRecord, Sequence[int]]],
+) -> Iterator[tuple[SampleRecord, dict[str, Any]]]:
+    """Render fixed samples, the way the loader renders training samples but with seeds chosen by the caller:
+    the views of the validation metric (:func:`pcrl.evaluate.eval_views`) and of the reconstruction panel
+    (:func:`pcrl.figures.panel_views`).
+
+    Args:
+        cfg: the run config (``data.ct_window``, ``views.filter_threshold_hu``).
+        views: the renderer.
+        samples: ``(record, keys)`` pairs; each renders ``views(volume, derive_seed(*keys), threshold)``
+            from the record's volume in [0, 1] with its tissue threshold, as in training. A volume is read
+            once and kept only until its last sample.
+
+    Yields:
+        ``(record, sample)`` in the order of ``samples``; ``sample`` as :meth:`pcrl.views.PCRLv2Views.__call__`
+        returns it.
+    """
+    last = {record.key: i for i, (record, _) in enumerate(samples)}
+    volumes: dict[str, torch.Tensor] = {}
+    for i, (record, keys) in enumerate(samples):
+        if record.key not in volumes:
+            array, _ = read_volume(record)
+            volumes[record.key] = to_unit_range(array, record.modality, cfg.data.ct_window)
+        threshold = threshold_to_unit(cfg.views.filter_threshold_hu, record.modality, cfg.data.ct_window)
+        volume = volumes.pop(record.key) if last[record.key] == i else volumes[record.key]
+        yield record, views(volume, seed=derive_seed(*keys), tissue_threshold=threshold)

@@ -39,7 +39,6 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -170,7 +169,8 @@ def eval_views(cfg: PretrainConfig) -> tuple[Tensor, Tensor, list[str]]:
     Raises:
         ConfigError: no manifest or no volume at all (names ``data.shards``).
     """
-    from pcrl.data import read_volume, split_or_fallback, threshold_to_unit, to_unit_range
+    from pcrl.data import fixed_views
+    from pcrl.shards import split_or_fallback
     from pcrl.views import PCRLv2Views
 
     try:
@@ -189,17 +189,15 @@ def eval_views(cfg: PretrainConfig) -> tuple[Tensor, Tensor, list[str]]:
     if not records:
         raise ConfigError(f"data.shards={cfg.data.shards}: no volumes to evaluate on")
 
-    views = PCRLv2Views(cfg.views)
+    samples = [
+        (record, (cfg.eval.seed, _EVAL_STREAM, i, j))
+        for i, record in enumerate(records)
+        for j in range(cfg.eval.pairs_per_volume)
+    ]
     inputs, targets = [], []
-    for i, record in enumerate(records):
-        array, _ = read_volume(record)
-        volume = to_unit_range(array, record.modality, cfg.data.ct_window)
-        threshold = threshold_to_unit(cfg.views.filter_threshold_hu, record.modality, cfg.data.ct_window)
-        for j in range(cfg.eval.pairs_per_volume):
-            seed = np.random.SeedSequence([cfg.eval.seed, _EVAL_STREAM, i, j]).generate_state(1, np.uint64)[0]
-            sample = views(volume, seed=int(seed >> np.uint64(1)), tissue_threshold=threshold)
-            inputs.append(sample["global_views"])  # (2, 1, X, Y, Z)
-            targets.append(sample["global_targets"])
+    for _, sample in fixed_views(cfg, PCRLv2Views(cfg.views), samples):
+        inputs.append(sample["global_views"])  # (2, 1, X, Y, Z)
+        targets.append(sample["global_targets"])
     return torch.cat(inputs), torch.cat(targets), [r.key for r in records]  # type: ignore[arg-type]
 
 

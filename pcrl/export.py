@@ -114,7 +114,7 @@ def _encoder_tensors(tag_dir: Path) -> tuple[dict[str, Tensor], str]:
 
 def _input_spacing(cfg: PretrainConfig) -> list[float] | None:
     """The voxel spacing of the pretraining shards (one value per axis), or None when unknown/mixed."""
-    from pcrl.data import read_manifest
+    from pcrl.shards import read_manifest
 
     try:
         spacings = {tuple(r.spacing) for r in read_manifest(cfg.data.shards, "all")}

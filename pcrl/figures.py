@@ -38,14 +38,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pcrl.data import middle_planes  # re-exported: it lives beside the array contract
 from pcrl.io import atomic_path
+from pcrl.shards import middle_planes  # re-exported: it lives beside the array contract
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from pcrl.config import PretrainConfig
-    from pcrl.data import SampleRecord
+    from pcrl.shards import SampleRecord
 
 __all__ = ["PanelView", "ReconstructionPanel", "draw_panel", "middle_planes", "panel_views", "restore"]
 
@@ -107,9 +107,10 @@ def panel_views(cfg: PretrainConfig) -> list[PanelView]:
         ``tracking.image_volumes`` views.
 
     Raises:
-        FileNotFoundError / ValueError: no manifest or no volume at all (see :func:`pcrl.data.read_manifest`).
+        FileNotFoundError / ValueError: no manifest or no volume at all (see :func:`pcrl.shards.read_manifest`).
     """
-    from pcrl.data import read_volume, split_or_fallback, threshold_to_unit, to_unit_range
+    from pcrl.data import fixed_views
+    from pcrl.shards import split_or_fallback
     from pcrl.views import PCRLv2Views
 
     records, fell_back = split_or_fallback(cfg.data.shards, cfg.tracking.image_split, cfg.data.split)
@@ -124,16 +125,11 @@ def panel_views(cfg: PretrainConfig) -> list[PanelView]:
         raise ValueError(f"no volumes for the reconstruction panel in {cfg.data.shards}")
 
     views = PCRLv2Views(dataclasses.replace(cfg.views, flip_prob=0.0))
-    cache: dict[str, Tensor] = {}
+    samples = [
+        (picked[i % len(picked)], (cfg.run.seed, _PANEL_STREAM, i)) for i in range(cfg.tracking.image_volumes)
+    ]
     out = []
-    for i in range(cfg.tracking.image_volumes):
-        record = picked[i % len(picked)]
-        if record.key not in cache:
-            array, _ = read_volume(record)
-            cache[record.key] = to_unit_range(array, record.modality, cfg.data.ct_window)
-        threshold = threshold_to_unit(cfg.views.filter_threshold_hu, record.modality, cfg.data.ct_window)
-        seed = np.random.SeedSequence([cfg.run.seed, _PANEL_STREAM, i]).generate_state(1, np.uint64)[0]
-        sample = views(cache[record.key], seed=int(seed >> np.uint64(1)), tissue_threshold=threshold)
+    for record, sample in fixed_views(cfg, views, samples):
         box_size = sample["boxes"]["global"][0, 1].tolist()  # type: ignore[index]
         spacing = tuple(b / s for b, s in zip(box_size, cfg.views.global_size, strict=True))
         out.append(

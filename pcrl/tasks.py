@@ -3,7 +3,7 @@
 The cases are written by ``python -m data_prep.labelled`` (one ``<name>.npz`` per case and ``cases.json``):
 the pyradiomics lung CTs, brain MRIs and breast MRI with their lesion masks, at 1 mm in RAS+ (x, y, z), with
 the shards' intensity policy. This module maps them to [0, 1] the way the pretraining loader does
-(:func:`pcrl.data.to_unit_range`) and cuts fixed patches, z-normalised per patch like the pretraining views:
+(:func:`pcrl.shards.to_unit_range`) and cuts fixed patches, z-normalised per patch like the pretraining views:
 
 * **lesion** patches are centred on a lesion voxel (label 1);
 * **background** patches hold no lesion voxel at all, and their centre's intensity lies within the lesion's
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pcrl.data import to_unit_range
+from pcrl.shards import to_unit_range
 
 __all__ = [
     "AAL_LOBES",

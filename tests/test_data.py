@@ -1,4 +1,5 @@
-"""pcrl.data on real shards: manifests, seek reads, windowing, and the deterministic rank/worker split."""
+"""pcrl.shards and pcrl.data on real shards: manifests, seek reads, windowing, the deterministic rank/worker
+split, resume, derived seeds and the fixed views."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import dataclasses
 import json
 import math
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import nibabel as nib
@@ -16,24 +18,32 @@ import torch
 from data_prep.readers import load_volume
 from data_prep.shard import shard_volumes
 from pcrl.config import DataConfig, PretrainConfig, RunConfig, TrainConfig, ViewsConfig
-from pcrl.data import (
-    SampleRecord,
-    VolumeStream,
-    build_loader,
-    collate_views,
-    decode_volume,
-    read_manifest,
-    read_volume,
-    to_unit_range,
-)
+from pcrl.data import VolumeStream, build_loader, derive_seed, fixed_views
+from pcrl.shards import SampleRecord, decode_volume, read_manifest, read_volume, to_unit_range
+from pcrl.views import PCRLv2Views
 
 GLOBAL = (16, 16, 8)
 LOCAL = (8, 8, 8)
 
 
+def _views_cfg(**kw) -> ViewsConfig:
+    """A small view recipe for the crops of ``crop_shards``: views of GLOBAL and LOCAL voxels."""
+    return ViewsConfig(
+        global_size=GLOBAL,
+        local_size=LOCAL,
+        global_crop_sizes=[[24, 24, 12], [16, 16, 8]],
+        local_crop_sizes=[[8, 8, 8], [4, 4, 4]],
+        border=(2, 2, 1),
+        swap_patch=(4, 2, 2),
+        swap_count=10,
+        **kw,
+    )
+
+
 class CropViews:
-    """A test transform with the PCRLv2Views signature: seeded random crops, plus the seed and threshold it
-    was called with (so tests can check them). Picklable, for loader workers."""
+    """A test transform for :class:`VolumeStream` (which calls ``PCRLv2Views.draw`` in training): seeded random
+    crops, plus the seed and threshold it was called with (so tests can check them). Picklable, for loader
+    workers."""
 
     def __init__(self, num_locals: int = 2) -> None:
         self.num_locals = num_locals
@@ -230,29 +240,34 @@ def test_stream_pairs_share_a_volume_with_distinct_seeds(crop_shards: Path) -> N
     assert len({s["key"] for s in samples}) == 3
 
 
-def test_stream_resumes_from_a_state(crop_shards: Path) -> None:
-    """state_dict after k samples and start=(epoch, cursor) continue the exact same sequence."""
+@pytest.mark.parametrize(("pairs", "at"), [(1, (1, 2, 0)), (2, (0, 3, 1))])
+def test_stream_resumes_from_its_loader_state(
+    crop_shards: Path, pairs: int, at: tuple[int, int, int]
+) -> None:
+    """A stream read without a DataLoader is a loader without workers: after k samples its loader_state says
+    where it stands (epoch, volumes done in it, next pair), a stream built with start_batches=k continues the
+    exact same sequence (mid-volume too), and a state from another shard set is refused."""
     records = read_manifest(crop_shards)
-    full = [(s["key"], int(s["seed"])) for s in _take(_stream(records, rank=1, world_size=2), 12)]
-    stream = _stream(records, rank=1, world_size=2)
-    it = iter(stream)
-    for _ in range(7):
-        next(it)
-    state = stream.state_dict()
-    assert (state["epoch"], state["cursor"]) == (1, 2)  # 5 volumes per epoch per rank
-    resumed = _stream(records, rank=1, world_size=2, start=(state["epoch"], state["cursor"]))
+    kw = {"rank": 1, "world_size": 2, "pairs_per_volume": pairs}
+    full = [(s["key"], int(s["seed"])) for s in _take(_stream(records, **kw), 12)]
+    state = _stream(records, **kw).loader_state(7, num_workers=0)
+    (worker,) = state["workers"]
+    assert (worker["epoch"], worker["cursor"], worker["pair"]) == at  # 5 volumes per epoch per rank
+    resumed = _stream(records, start_batches=state["batches"], **kw)
+    resumed.check_loader_state(state, 0)
     assert [(s["key"], int(s["seed"])) for s in _take(resumed, 5)] == full[7:]
-    other = _stream(records[:-1], rank=1, world_size=2)
-    with pytest.raises(ValueError, match="num_records"):
-        other.load_state_dict(state)
+    other = _stream(records[:-1], start_batches=7, **kw)
+    with pytest.raises(ValueError, match=r"the number of volumes in data\.shards \(data\.split\) was 10"):
+        other.check_loader_state(state, 0)
 
 
 def _loader_run(records: list[SampleRecord], rank: int, n_batches: int) -> list[tuple[str, int]]:
     stream = _stream(records, rank=rank, world_size=2)
-    loader = torch.utils.data.DataLoader(stream, batch_size=1, num_workers=2, collate_fn=collate_views)
+    # batch_size=None: every sample is a batch of its own, still taken from the workers round-robin
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
     out: list[tuple[str, int]] = []
-    for i, batch in enumerate(loader):
-        out += [(k, int(s)) for k, s in zip(batch["keys"], batch["seed"], strict=True)]
+    for i, sample in enumerate(loader):
+        out.append((sample["key"], int(sample["seed"])))
         if i + 1 == n_batches:
             break
     return out
@@ -295,37 +310,35 @@ def test_loader_with_too_few_volumes_says_what_to_change(sample_shards: Path) ->
         next(iter(_stream(records[:1], world_size=2)))
     cfg = PretrainConfig(data=DataConfig(shards=str(sample_shards), num_workers=3))
     with pytest.raises(ValueError, match="4 volumes but world_size×num_workers = 2×3"):
-        build_loader(cfg, CropViews(), rank=0, world_size=2)
+        build_loader(cfg, PCRLv2Views(cfg.views), rank=0, world_size=2)
+    with pytest.raises(TypeError, match=r"renders with a pcrl\.views\.PCRLv2Views, got CropViews"):
+        build_loader(cfg, CropViews(), rank=0, world_size=1)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_build_loader_batches_views_from_the_config(sample_shards: Path, num_workers: int) -> None:
-    """build_loader reads data.shards/split, batches train.micro_batch_size samples: views stacked to
-    (B, 2, 1, X, Y, Z) and (B, L, 1, x, y, z), keys as a list of strings."""
+    """build_loader reads data.shards/split and batches train.micro_batch_size rendered samples: views
+    stacked to (B, 2, 1, X, Y, Z) and (B, L, 1, x, y, z), keys as a list of strings."""
     cfg = PretrainConfig(
         run=RunConfig(seed=3),
         data=DataConfig(shards=str(sample_shards), split="all", num_workers=num_workers, prefetch_factor=1),
+        views=_views_cfg(),
         train=TrainConfig(micro_batch_size=2),
     )
-    loader = build_loader(cfg, CropViews(), rank=0, world_size=1)
-    batches = []
-    for batch in loader:
-        batches.append(batch)
-        if len(batches) == 2:
-            break
+    batches = _batches(build_loader(cfg, PCRLv2Views(cfg.views), rank=0, world_size=1), 2)
     for batch in batches:
         assert batch["global_views"].shape == (2, 2, 1, *GLOBAL)
         assert batch["global_targets"].shape == (2, 2, 1, *GLOBAL)
-        assert batch["local_views"].shape == (2, 2, 1, *LOCAL)
+        assert batch["local_views"].shape == (2, cfg.views.num_locals, 1, *LOCAL)
         assert isinstance(batch["keys"], list) and all(isinstance(k, str) for k in batch["keys"])
     keys = [k for b in batches for k in b["keys"]]
     assert len(set(keys)) == 4
 
 
-def _batches(loader: torch.utils.data.DataLoader, n: int) -> list[list[tuple[str, int]]]:
+def _batches(loader: Iterable[dict], n: int) -> list[dict]:
     out = []
     for batch in loader:
-        out.append([(k, int(s)) for k, s in zip(batch["keys"], batch["seed"], strict=True)])
+        out.append(batch)
         if len(out) == n:
             break
     return out
@@ -333,21 +346,29 @@ def _batches(loader: torch.utils.data.DataLoader, n: int) -> list[list[tuple[str
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_build_loader_resumes_mid_epoch_exactly(crop_shards: Path, num_workers: int) -> None:
-    """A loader built with start_batches=N yields exactly what an uninterrupted loader yields after N batches:
-    the bug it pins is a resumed run that trains on other samples (restarted workers, a worker order
-    shifted by one, a volume's remaining pairs skipped), which breaks bit-exact resume. Rank 1 of 2, three
-    pairs per volume and batches of 2, so resume points fall inside volumes, epochs and worker turns."""
+    """A loader built with start_batches=N yields bit-identical batches to what an uninterrupted loader yields
+    after N batches (workers draw, a whole batch is rendered at once): the bug it pins is a resumed run that
+    trains on other samples (restarted workers, a worker order shifted by one, a volume's remaining pairs
+    skipped), which breaks bit-exact resume. Rank 1 of 2, three pairs per volume and batches of 2, so resume
+    points fall inside volumes, epochs and worker turns. The checkpoint's record of the position
+    (loader_state) is exactly where the resumed loader stands, and a changed setting is named."""
     cfg = PretrainConfig(
         run=RunConfig(seed=5),
         data=DataConfig(shards=str(crop_shards), num_workers=num_workers, prefetch_factor=1),
-        views=ViewsConfig(global_size=(16, 16, 8), local_size=(8, 8, 8), pairs_per_volume=3),
+        views=_views_cfg(pairs_per_volume=3),
         train=TrainConfig(micro_batch_size=2),
     )
-    full = _batches(build_loader(cfg, CropViews(), rank=1, world_size=2), 9)
-    assert len({s for batch in full for _, s in batch}) == 18  # every sample rendered once
-    for start in (1, 4, 5):
-        resumed = build_loader(cfg, CropViews(), rank=1, world_size=2, start_batches=start)
-        assert _batches(resumed, 9 - start) == full[start:], start
+    views = PCRLv2Views(cfg.views)
+    full = _batches(build_loader(cfg, views, rank=1, world_size=2), 9)
+    assert full[0]["global_views"].shape == (2, 2, 1, *GLOBAL)
+    # every sample rendered once: 18 distinct samples (each seed's noise makes its views unique)
+    assert len({v.numpy().tobytes() for batch in full for v in batch["global_views"]}) == 18
+    for start in (1, 3, 4, 5):
+        resumed = build_loader(cfg, views, rank=1, world_size=2, start_batches=start)
+        for a, b in zip(full[start:], _batches(resumed, 9 - start), strict=True):
+            assert a["keys"] == b["keys"], start
+            for k in ("global_views", "global_targets", "local_views"):
+                assert torch.equal(a[k], b[k]), (start, k)
         stream = resumed.dataset
         state = stream.loader_state(start, num_workers)
         stream.check_loader_state(state, num_workers)
@@ -356,56 +377,49 @@ def test_build_loader_resumes_mid_epoch_exactly(crop_shards: Path, num_workers: 
         stream.check_loader_state({**state, "num_workers": 3}, num_workers)
 
 
-def test_collate_views_stacks_tensors_and_lists_the_rest() -> None:
-    """Tensors stack on a new batch axis, other entries (keys, debug boxes) become lists; inconsistent
-    samples are an error naming the key."""
-    a = {"global_views": torch.zeros(2, 1, 4, 4, 2), "boxes": [(0, 0, 0)], "key": "a"}
-    b = {"global_views": torch.ones(2, 1, 4, 4, 2), "boxes": [(1, 1, 1)], "key": "b"}
-    batch = collate_views([a, b])
-    assert batch["global_views"].shape == (2, 2, 1, 4, 4, 2) and batch["global_views"][1].min() == 1
-    assert batch["keys"] == ["a", "b"] and batch["boxes"] == [[(0, 0, 0)], [(1, 1, 1)]]
-    with pytest.raises(ValueError, match="'global_views': shapes differ"):
-        collate_views([a, {**b, "global_views": torch.ones(2, 1, 4, 4, 4)}])
-    with pytest.raises(ValueError, match="has keys"):
-        collate_views([a, {"key": "c"}])
+# --- seeds and fixed views -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_build_loader_batched_views_resume_exactly(crop_shards: Path, num_workers: int) -> None:
-    """The batched torch renderer (workers draw, a whole batch is rendered at once) resumes exactly: a loader
-    built with start_batches=N yields bit-identical views to the uninterrupted one after N batches."""
-    from pcrl.views import PCRLv2Views
+def test_derive_seed_is_the_seed_sequence_recipe() -> None:
+    """Pins the seeds that stored runs depend on (the samples a resumed run trains on, the evaluation views,
+    the panel): derive_seed(*keys) is the first 64-bit word of SeedSequence(keys) shifted right by one bit."""
+    assert derive_seed(0, 0, 0, 0) == 7896617691693857887  # sample (seed 0, epoch 0, position 0, pair 0)
+    assert derive_seed(0, 0, 0, 1) == 8407437806151696170
+    assert derive_seed(0, 0, 0x10AD) == 6742162137859861752  # the DataLoader generator of (seed 0, rank 0)
+    assert derive_seed(0, 0xE7A1, 0, 0) == 7529308171022261468  # first evaluation view of eval.seed 0
+    assert derive_seed(0, 0x9A7E1, 0) == 9090269859332713259  # first panel view of run.seed 0
+    for keys in [(7, 3, 9, 1), (2**40, 0), (123456789, 7, 0x10AD)]:
+        word = np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0]
+        assert derive_seed(*keys) == int(word >> np.uint64(1)) < 2**63
 
-    views_cfg = ViewsConfig(
-        global_size=(16, 16, 8),
-        local_size=(8, 8, 8),
-        global_crop_sizes=[[24, 24, 12], [16, 16, 8]],
-        local_crop_sizes=[[8, 8, 8], [4, 4, 4]],
-        border=(2, 2, 1),
-        swap_patch=(4, 2, 2),
-        swap_count=10,
-        pairs_per_volume=3,
-    )
+
+def test_fixed_views_render_each_sample_from_its_keys(
+    crop_shards: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fixed_views renders views(volume in [0, 1], derive_seed(*keys), tissue threshold) for each (record, keys)
+    in order, as the loader would; each volume is read once however many samples it serves."""
+    import pcrl.data
+
     cfg = PretrainConfig(
-        run=RunConfig(seed=5),
-        data=DataConfig(shards=str(crop_shards), num_workers=num_workers, prefetch_factor=1),
-        views=views_cfg,
-        train=TrainConfig(micro_batch_size=2),
+        data=DataConfig(shards=str(crop_shards), ct_window=(-1000.0, 1000.0)), views=_views_cfg()
     )
-    views = PCRLv2Views(views_cfg)
+    records = read_manifest(crop_shards)
+    ct = next(r for r in records if r.modality == "ct")
+    mr = next(r for r in records if r.modality == "mr")
+    samples = [(ct, (1, 0)), (mr, (1, 1)), (ct, (1, 2))]
+    reads = Counter()
 
-    def take(loader: torch.utils.data.DataLoader, n: int) -> list[dict]:
-        out = []
-        for batch in loader:
-            out.append(batch)
-            if len(out) == n:
-                break
-        return out
+    def counting_read(record: SampleRecord, verify: bool = False):  # type: ignore[no-untyped-def]
+        reads[record.key] += 1
+        return read_volume(record, verify)
 
-    full = take(build_loader(cfg, views, rank=1, world_size=2), 5)
-    assert full[0]["global_views"].shape == (2, 2, 1, 16, 16, 8)
-    resumed = take(build_loader(cfg, views, rank=1, world_size=2, start_batches=3), 2)
-    for a, b in zip(full[3:], resumed, strict=True):
-        assert a["keys"] == b["keys"]
+    monkeypatch.setattr(pcrl.data, "read_volume", counting_read)
+    views = PCRLv2Views(cfg.views)
+    got = list(fixed_views(cfg, views, samples))
+    assert [r for r, _ in got] == [ct, mr, ct] and reads == {ct.key: 1, mr.key: 1}
+    for (record, keys), (_, sample) in zip(samples, got, strict=True):
+        volume = to_unit_range(read_volume(record)[0], record.modality, cfg.data.ct_window)
+        threshold = 0.425 if record.modality == "ct" else None  # (-150 + 1000) / 2000
+        expected = views(volume, seed=derive_seed(*keys), tissue_threshold=threshold)
         for k in ("global_views", "global_targets", "local_views"):
-            assert torch.equal(a[k], b[k])
+            assert torch.equal(sample[k], expected[k]), (record.key, k)

@@ -21,7 +21,7 @@ from data_prep.options import parse_splits
 from data_prep.prepare import assign_split, patient_hash, resample
 from data_prep.readers import canonicalize, load_volume
 from data_prep.shard import main, shard_volumes
-from pcrl.data import read_manifest, read_volume
+from pcrl.shards import read_manifest, read_volume
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED_SHAPES = {  # after resampling to 1 mm: floor(n · spacing), tolerant to header rounding

@@ -1,5 +1,5 @@
 """The Zarr v3 output: the same volumes, keys and manifest facts as the WebDataset output, random access and
-region reads through pcrl.data, the stream on top of it, and the same re-run rules."""
+region reads through pcrl.shards, the stream on top of it, and the same re-run rules."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 import zarr
 
 from data_prep.shard import shard_volumes
-from pcrl.data import VolumeStream, read_manifest, read_region, read_volume
+from pcrl.data import VolumeStream
+from pcrl.shards import read_manifest, read_region, read_volume
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from pcrl.data import BadDataError, VolumeStream, encode_volume, read_manifest
+from pcrl.data import BadDataError, VolumeStream
+from pcrl.shards import encode_volume, read_manifest
 
 
 def _transform(volume: torch.Tensor, seed: int, threshold: float | None) -> dict:
