@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             }
         parent = None
         if "zarr" in args.formats:
-            from pcrl.data import read_manifest
+            from pcrl.shards import read_manifest
 
             parent = zarr_parent_seconds(read_manifest(work / "pcrl", "all")[:4], work / "parent")
     base = next(iter(results.values()))

@@ -224,7 +224,8 @@ def _apt_download(source: Source, into: Path) -> Path:
     return debs[0]
 
 
-def _download(source: Source, into: Path) -> Path:
+def download(source: Source, into: Path) -> Path:
+    """Download ``source``'s package into ``into`` (pip, or apt for apt sources); returns the archive."""
     if source.installer == "apt":
         return _apt_download(source, into)
     # --no-binary only for this project: its build dependencies may still come as wheels (``:all:`` would
@@ -313,7 +314,7 @@ def _fetch_source(source: Source, dest: Path, log: list[str]) -> dict[str, Path]
         download_dir, staging = Path(tmp) / "download", Path(tmp) / source.name
         download_dir.mkdir()
         staging.mkdir()
-        archive = _download(source, download_dir)
+        archive = download(source, download_dir)
         files = _extract(archive, source.members, staging, source.prefix, source.rename)
         marker = {
             "requirement": source.requirement,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pcrl.data import SPLITS
+from pcrl.shards import SPLITS
 
 __all__ = ["ShardOptions", "parse_splits"]
 

@@ -27,7 +27,7 @@ __all__ = ["Pool", "PoolError", "WorkerDied"]
 logger = logging.getLogger(__name__)
 
 # Heavy imports done once in the forkserver, before it forks the workers (torch alone takes seconds).
-_PRELOAD = ["torch", "SimpleITK", "nibabel", "pydicom", "zstandard", "pcrl.data", "data_prep.readers"]
+_PRELOAD = ["torch", "SimpleITK", "nibabel", "pydicom", "zstandard", "pcrl.shards", "data_prep.readers"]
 
 
 class PoolError(RuntimeError):

@@ -28,7 +28,7 @@ from data_prep.discover import InputSeries, Item, Rejected
 from data_prep.options import ShardOptions
 from data_prep.readers import RawVolume, RejectedInput, load_volume, volume_suffix
 from data_prep.zarr_writer import encode_array
-from pcrl.data import CT_HU_RANGE, encode_volume
+from pcrl.shards import CT_HU_RANGE, encode_volume
 
 __all__ = [
     "CT_MIN_HU",
@@ -163,7 +163,7 @@ def detect_modality(raw: RawVolume, override: str) -> tuple[str, str]:
 def intensity_policy(volume: np.ndarray, modality: str) -> tuple[np.ndarray, dict[str, Any]]:
     """The voxels as stored in the shards, and the policy that made them (kept in the sample metadata).
 
-    CT: HU rounded and clipped to :data:`pcrl.data.CT_HU_RANGE`, int16. MR: the :data:`MR_PERCENTILES`
+    CT: HU rounded and clipped to :data:`pcrl.shards.CT_HU_RANGE`, int16. MR: the :data:`MR_PERCENTILES`
     of the volume mapped to [0, 1] and clipped, float16.
 
     Args:
@@ -260,7 +260,7 @@ def _prepare(index: int, item: Item, options: ShardOptions) -> Prepared:
     if options.format == "zarr":
         buf = io.BytesIO()
         np.lib.format.write_array(buf, np.ascontiguousarray(stored), version=(1, 0), allow_pickle=False)
-        checksum = hashlib.sha256(buf.getvalue()).hexdigest()  # of the .npy bytes, as pcrl.data verifies it
+        checksum = hashlib.sha256(buf.getvalue()).hexdigest()  # of the .npy bytes, as pcrl.shards verifies it
         del buf
         image, key = b"", checksum[:16]  # the key of encode_volume: same volume, same key in both formats
     else:

@@ -2,7 +2,7 @@
 
 One row per sampled volume (up to :data:`QA_VOLUMES`, spread evenly over the manifest, so the same shard set
 always shows the same volumes): its axial, coronal and sagittal middle planes in radiological orientation
-(:func:`pcrl.data.middle_planes`: the patient's right on the viewer's left; anterior up in axial, superior
+(:func:`pcrl.shards.middle_planes`: the patient's right on the viewer's left; anterior up in axial, superior
 up in coronal and sagittal), at the physical aspect of the stored voxels. CT is shown on a fixed
 [-1000, 1000] HU window (air black, bone white), MRI on its stored [0, 1]. Each row is labelled with the
 key, source, modality, shape, spacing and intensity policy from the volume's own metadata.
@@ -19,8 +19,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pcrl.data import SampleRecord, middle_planes, read_volume
 from pcrl.io import atomic_path
+from pcrl.shards import SampleRecord, middle_planes, read_volume
 
 __all__ = ["CT_DISPLAY_HU", "QA_NAME", "QA_VOLUMES", "pick", "write_qa_sheet"]
 

@@ -18,7 +18,7 @@ Volumes and DICOM headers are prepared by :class:`data_prep.pool.Pool`: this pro
 processes, or Ray tasks. The output is byte-for-byte deterministic for any ``--workers`` and back end: inputs are sorted, workers only prepare
 samples, and the parent writes them in input order into tars with fixed metadata (mtime 0, uid/gid 0).
 Keys are the first 16 hex digits of the sha256 of the uncompressed ``.npy`` bytes (see
-:func:`pcrl.data.encode_volume`); two inputs with identical content are one volume (the second is rejected
+:func:`pcrl.shards.encode_volume`); two inputs with identical content are one volume (the second is rejected
 as a duplicate). Files appear under temporary names and are renamed when complete; the manifest is
 written last, so a folder with a manifest is a complete shard set. ``summary.json`` records a fingerprint of
 the inputs and options: a re-run of the same job writes nothing, and a killed job resumes from
@@ -64,8 +64,8 @@ from data_prep.writer import (
     prepare_output,
 )
 from data_prep.zarr_writer import ZarrWriter
-from pcrl.data import IMAGE_SUFFIX, MANIFEST_KEYS, MANIFEST_NAME, META_SUFFIX
 from pcrl.io import write_atomic
+from pcrl.shards import IMAGE_SUFFIX, MANIFEST_KEYS, MANIFEST_NAME, META_SUFFIX
 
 __all__ = ["ShardOptions", "Summary", "fingerprint", "main", "shard_volumes"]
 

@@ -23,8 +23,8 @@ from typing import Any
 from data_prep.prepare import FORMAT_VERSION
 from data_prep.qa import QA_NAME
 from data_prep.zarr_writer import STORE_NAME
-from pcrl.data import MANIFEST_NAME
 from pcrl.io import write_atomic
+from pcrl.shards import MANIFEST_NAME
 
 __all__ = [
     "JOURNAL_NAME",

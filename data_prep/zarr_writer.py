@@ -5,7 +5,7 @@ of at most 64³ voxels, Blosc-zstd with byte shuffle, and the sample metadata (t
 WebDataset format) as the array's attributes. An array is written completely into
 ``<output>/volumes.zarr.tmp/<key>`` and then renamed into the group, so the group never shows a half-written
 volume. The manifest line of a volume names ``volumes.zarr/<key>`` as its ``shard`` and has
-``"format": "zarr"``; :func:`pcrl.data.read_volume` and :func:`pcrl.data.read_region` read it.
+``"format": "zarr"``; :func:`pcrl.shards.read_volume` and :func:`pcrl.shards.read_region` read it.
 
 Compression happens where the volume is prepared (a worker process or a Ray task): :func:`encode_array`
 builds the array in memory and returns its files; the writer in the parent only puts those bytes on disk.

@@ -39,7 +39,7 @@ from pcrl.config import ConfigError, PretrainConfig, config_hash, config_to_dict
 from pcrl.io import file_sha256, write_atomic
 
 __all__ = [
-    "MANIFEST_NAME",
+    "CHECKPOINT_MANIFEST",
     "CheckpointWriteError",
     "ResumeState",
     "checkpoint_dir",
@@ -47,17 +47,19 @@ __all__ = [
     "checkpoint_tag",
     "find_resume_tag",
     "load_checkpoint",
+    "prune_checkpoints",
     "resume_training",
     "rng_state",
     "save_checkpoint",
     "save_training_state",
     "set_rng_state",
     "verify_checkpoint",
+    "write_manifest",
 ]
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
+CHECKPOINT_MANIFEST = "manifest.json"
 _TAG = re.compile(r"step_(\d{8,})")
 
 
@@ -97,15 +99,16 @@ def _tags(ckpt_dir: Path) -> list[str]:
 
 
 def _files(tag_dir: Path) -> list[Path]:
-    return sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+    return sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != CHECKPOINT_MANIFEST)
 
 
-def _write_manifest(tag_dir: Path) -> None:
+def write_manifest(tag_dir: Path) -> None:
+    """Write the tag's manifest: size and sha256 of every file in it (what :func:`verify_checkpoint` checks)."""
     files = {
         str(p.relative_to(tag_dir)): {"size": p.stat().st_size, "sha256": file_sha256(p, fsync=True)}
         for p in _files(tag_dir)
     }
-    write_atomic(tag_dir / MANIFEST_NAME, json.dumps({"files": files}, indent=1, sort_keys=True))
+    write_atomic(tag_dir / CHECKPOINT_MANIFEST, json.dumps({"files": files}, indent=1, sort_keys=True))
 
 
 def verify_checkpoint(tag_dir: Path) -> str | None:
@@ -113,11 +116,11 @@ def verify_checkpoint(tag_dir: Path) -> str | None:
     if not tag_dir.is_dir():
         return "the folder does not exist"
     try:
-        files = json.loads((tag_dir / MANIFEST_NAME).read_text())["files"]
+        files = json.loads((tag_dir / CHECKPOINT_MANIFEST).read_text())["files"]
     except FileNotFoundError:
-        return f"it has no {MANIFEST_NAME} (its save did not finish)"
+        return f"it has no {CHECKPOINT_MANIFEST} (its save did not finish)"
     except (ValueError, KeyError, TypeError) as e:
-        return f"its {MANIFEST_NAME} is unreadable ({e})"
+        return f"its {CHECKPOINT_MANIFEST} is unreadable ({e})"
     for name, expected in sorted(files.items()):
         path = tag_dir / name
         if not path.is_file():
@@ -130,7 +133,8 @@ def verify_checkpoint(tag_dir: Path) -> str | None:
     return None
 
 
-def _prune(ckpt_dir: Path, keep: int) -> None:
+def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` tags (none when ``keep`` <= 0)."""
     if keep <= 0:
         return
     for tag in _tags(ckpt_dir)[:-keep]:
@@ -171,7 +175,7 @@ def save_checkpoint(
         distributed.barrier()
         if distributed.is_main():
             save_config(cfg, tag_dir / "config.yaml")
-            _write_manifest(tag_dir)
+            write_manifest(tag_dir)
             write_atomic(ckpt_dir / "latest", tag)
     except (OSError, RuntimeError) as e:
         # torch.save reports a failed write (ENOSPC included) as a plain RuntimeError; a failed collective
@@ -193,7 +197,7 @@ def save_checkpoint(
             + ". Free space on that filesystem (or set run.output_dir elsewhere) and launch again"
         ) from e
     if distributed.is_main():
-        _prune(ckpt_dir, cfg.train.keep_checkpoints)
+        prune_checkpoints(ckpt_dir, cfg.train.keep_checkpoints)
         logger.info("saved checkpoint %s", tag_dir)
     distributed.barrier()
     return tag_dir

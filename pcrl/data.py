@@ -32,20 +32,6 @@ if TYPE_CHECKING:
     from pcrl.config import PretrainConfig
     from pcrl.views import PCRLv2Views
 
-# re-exported for data_prep until it imports pcrl.shards
-from pcrl.shards import (  # noqa: F401
-    CT_HU_RANGE,
-    IMAGE_SUFFIX,
-    MANIFEST_KEYS,
-    MANIFEST_NAME,
-    META_SUFFIX,
-    SPLITS,
-    SampleRecord,  # noqa: F811
-    encode_volume,
-    middle_planes,
-    read_volume,  # noqa: F811
-)
-
 __all__ = [
     "BadDataError",
     "ViewLoader",

@@ -11,7 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from pcrl.checkpoint import MANIFEST_NAME, _prune, _write_manifest, find_resume_tag, verify_checkpoint
+from pcrl.checkpoint import (
+    CHECKPOINT_MANIFEST,
+    find_resume_tag,
+    prune_checkpoints,
+    verify_checkpoint,
+    write_manifest,
+)
 from pcrl.tracking import Tracker
 
 
@@ -20,7 +26,7 @@ def _tag(ckpt: Path, step: int, payload: bytes = b"weights" * 100) -> Path:
     (tag / "sub").mkdir(parents=True)
     (tag / "mp_rank_00_model_states.pt").write_bytes(payload)
     (tag / "sub" / "shard.pt").write_bytes(payload[::-1])
-    _write_manifest(tag)
+    write_manifest(tag)
     return tag
 
 
@@ -38,9 +44,9 @@ def test_verify_checkpoint_names_what_is_wrong(tmp_path: Path) -> None:
     states.write_bytes(data)
     (tag / "sub" / "shard.pt").unlink()
     assert verify_checkpoint(tag) == "sub/shard.pt is missing"
-    (tag / MANIFEST_NAME).write_text("{")
+    (tag / CHECKPOINT_MANIFEST).write_text("{")
     assert "manifest.json is unreadable" in verify_checkpoint(tag)
-    (tag / MANIFEST_NAME).unlink()
+    (tag / CHECKPOINT_MANIFEST).unlink()
     assert "no manifest.json (its save did not finish)" in verify_checkpoint(tag)
     assert verify_checkpoint(tmp_path / "step_00000009") == "the folder does not exist"
 
@@ -63,7 +69,7 @@ def test_find_resume_tag_falls_back_to_the_previous_complete_tag(
         assert find_resume_tag(tmp_path) == "step_00000003"
     assert f"checkpoint {six} is unusable: sub/shard.pt has 0 bytes" in caplog.text
     assert (ckpt / "latest").read_text() == "step_00000006" and six.is_dir()
-    (ckpt / "step_00000003" / MANIFEST_NAME).unlink()
+    (ckpt / "step_00000003" / CHECKPOINT_MANIFEST).unlink()
     with pytest.raises(RuntimeError, match=r"no usable checkpoint .* delete .* to start the run over"):
         find_resume_tag(tmp_path)
     (ckpt / "latest").write_text("garbage")
@@ -75,9 +81,9 @@ def test_prune_keeps_the_newest_tags_by_step(tmp_path: Path) -> None:
     """keep=K deletes all but the K highest steps (not by name order or age); keep=0 deletes nothing."""
     for step in (3, 12, 6, 9):
         _tag(tmp_path, step)
-    _prune(tmp_path, 0)
+    prune_checkpoints(tmp_path, 0)
     assert len(list(tmp_path.glob("step_*"))) == 4
-    _prune(tmp_path, 2)
+    prune_checkpoints(tmp_path, 2)
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000009", "step_00000012"]
 
 

@@ -69,7 +69,7 @@ def test_fetch_samples_names_files_and_reuses_the_cache(sample_volumes: dict[str
     def no_download(*args, **kwargs):
         raise AssertionError("the cache was complete; nothing should be downloaded")
 
-    monkeypatch.setattr(fetch, "_download", no_download)
+    monkeypatch.setattr(fetch, "download", no_download)
     assert fetch.fetch_samples(sample_volumes["lung1"].parents[1]) == sample_volumes
 
 
