@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from pcrl import distributed
 from pcrl.config import ConfigError, config_hash
 from pcrl.health import collapsed, scale_health
+from pcrl.model import private_model
 from pcrl.probe import LinearProbe
 
 if TYPE_CHECKING:
@@ -59,7 +60,6 @@ __all__ = [
     "eval_views",
     "fixed_batches",
     "metric_mode",
-    "private_model",
     "psnr",
 ]
 
@@ -103,16 +103,6 @@ def fixed_batches(n: int, batch_size: int) -> list[tuple[int, int]]:
     return list(zip(starts, [*starts[1:], n], strict=True))
 
 
-def private_model(cfg: PretrainConfig, device: torch.device | str) -> nn.Module:
-    """A training-mode copy of the run's architecture for an evaluator (weights loaded at every call)."""
-    from pcrl.model import PCRLv2UNet
-
-    # norm=sync_batch builds plain BatchNorm3d (the engine converts its own copy), so the copy never syncs;
-    # its random initialisation (overwritten before every use) must not advance rank 0's torch RNG.
-    with torch.random.fork_rng(devices=[]):
-        return PCRLv2UNet(1, cfg.model.base_channels, cfg.model.depth, cfg.model.norm).to(device).train()
-
-
 class RestorationEval:
     """Restoration error of held-out volumes: ``val/psnr`` (mean over views, dB) and ``val/mse``.
 
@@ -140,7 +130,9 @@ class RestorationEval:
         logger.info(
             "evaluation every %d steps on %d views of %s", cfg.eval.every, views.shape[0], ", ".join(names)
         )
-        return cls(views.to(device), targets.to(device), private_model(cfg, device), cfg.eval.batch_size)
+        return cls(
+            views.to(device), targets.to(device), private_model(cfg.model, device), cfg.eval.batch_size
+        )
 
     @torch.no_grad()
     def __call__(self, model: nn.Module) -> dict[str, float]:
@@ -240,7 +232,7 @@ class HealthEval:
         if pairs.shape[0] < 2:
             logger.warning("health monitors off: they need at least 2 held-out view pairs (eval.volumes)")
             return None
-        return cls(pairs.to(device), private_model(cfg, device), cfg.eval.batch_size)
+        return cls(pairs.to(device), private_model(cfg.model, device), cfg.eval.batch_size)
 
     @torch.no_grad()
     def features(self, model: nn.Module) -> list[tuple[Tensor, Tensor]]:

@@ -311,12 +311,9 @@ class ReconstructionPanel:
     @classmethod
     def from_config(cls, cfg: PretrainConfig, device: torch.device | str = "cpu") -> ReconstructionPanel:
         """Pick and render the fixed views (:func:`panel_views`) and build the private model on ``device``."""
-        from pcrl.model import PCRLv2UNet
+        from pcrl.model import private_model
 
-        # norm=sync_batch builds plain BatchNorm3d (the engine converts it): the copy never syncs. Its random
-        # initialisation (overwritten at every save) must not advance rank 0's global torch RNG.
-        with torch.random.fork_rng(devices=[]):
-            model = PCRLv2UNet(1, cfg.model.base_channels, cfg.model.depth, cfg.model.norm).to(device)
+        model = private_model(cfg.model, device)
         views = panel_views(cfg)
         logger.info(
             "reconstruction panel every %d steps: %s",

@@ -37,6 +37,7 @@ __all__ = [
     "build_model",
     "encoder_stages",
     "frozen_buffers",
+    "private_model",
 ]
 
 Norm = Literal["batch", "sync_batch", "group", "instance"]
@@ -412,3 +413,11 @@ def build_model(cfg: ModelConfig) -> PCRLv2UNet:
     plain BatchNorm3d: the engine converts its own copy for a multi-process run, and every other copy (an
     evaluator's, the reconstruction panel's) must never synchronise."""
     return PCRLv2UNet(in_channels=1, base_channels=cfg.base_channels, depth=cfg.depth, norm=cfg.norm)
+
+
+def private_model(cfg: ModelConfig, device: torch.device | str) -> PCRLv2UNet:
+    """A training-mode copy of the run's architecture on ``device`` for an evaluator or the reconstruction
+    panel, which loads the training weights into it before every use. Its random initialisation must not
+    advance the caller's torch RNG (that would change the training run), so it draws from a forked one."""
+    with torch.random.fork_rng(devices=[]):
+        return build_model(cfg).to(device).train()
