@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Literal, NamedTuple
+from typing import NamedTuple, get_args
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from pcrl.config import Norm
 
 __all__ = [
     "NORMS",
@@ -35,8 +37,8 @@ __all__ = [
     "frozen_buffers",
 ]
 
-Norm = Literal["batch", "sync_batch", "group", "instance"]
-NORMS: tuple[str, ...] = ("batch", "sync_batch", "group", "instance")
+NORMS: tuple[str, ...] = get_args(Norm)
+"""The valid ``norm`` arguments: those of :data:`pcrl.config.Norm` (the ``model.norm`` key)."""
 _GROUPS = 8  # GroupNorm groups, as the reference's 'gn' option
 
 
