@@ -48,7 +48,8 @@ from pcrl.config import (
     save_config,
 )
 from pcrl.io import read_jsonl
-from pcrl.tracking import ConsoleProgress, Tracker
+from pcrl.progress import ConsoleProgress
+from pcrl.tracking import Tracker
 
 __all__ = [
     "NonFiniteLossError",
