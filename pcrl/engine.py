@@ -42,7 +42,8 @@ from pcrl.io import read_jsonl
 from pcrl.metrics import MetricWindow, SampleKeyLog, flops_per_sample, loss_scale_metrics
 from pcrl.objective import LOSS_TERMS, beta_schedule, build_task
 from pcrl.optim import build_optimizer, lr_schedule
-from pcrl.tracking import ConsoleProgress, Tracker
+from pcrl.progress import ConsoleProgress
+from pcrl.tracking import Tracker
 
 __all__ = [
     "NonFiniteLossError",

@@ -32,7 +32,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -43,8 +43,9 @@ from pcrl.config import (
     ConfigError,
     ModelConfig,
     RunConfig,
-    _check,
-    _check_size,
+    check,
+    check_choices,
+    check_size,
     config_hash,
     config_to_dict,
     flatten_config,
@@ -76,15 +77,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("segmentation", "classification")
-DATASETS = ("lesion", "aal")
-
 
 @dataclass
 class TaskConfig:
-    kind: str = "classification"
+    kind: Literal["segmentation", "classification"] = "classification"
     """``classification`` (patch labels, AUC) or ``segmentation`` (lesion masks, Dice)."""
-    dataset: str = "lesion"
+    dataset: Literal["lesion", "aal"] = "lesion"
     """``lesion`` (the pyradiomics cases: lesion vs background, leave-one-case-out; they are the demo's
     pretraining volumes) or ``aal`` (Colin27 patches → AAL lobe, hemisphere against hemisphere; not in the
     pretraining data; classification only)."""
@@ -102,23 +100,22 @@ class TaskConfig:
     """Overlap of neighbouring windows in sliding-window inference (segmentation)."""
 
     def __post_init__(self) -> None:
-        _check(self.kind in TASKS, "task.kind", f"must be segmentation or classification, got {self.kind!r}")
-        _check(self.dataset in DATASETS, "task.dataset", f"must be lesion or aal, got {self.dataset!r}")
-        _check(
+        check_choices(self, "task")
+        check(
             self.dataset == "lesion" or self.kind == "classification",
             "task.kind",
             "task.dataset=aal has patch labels only: use task.kind=classification",
         )
-        _check(
+        check(
             self.dataset == "lesion" or not self.names,
             "task.names",
             "selects lesion cases; task.dataset=aal has none (use [])",
         )
-        _check(bool(self.cases), "task.cases", "must name the folder of labelled cases")
-        _check(len(self.names) != 1, "task.names", "needs at least two cases (leave-one-case-out), or []")
-        _check_size(self.patch_size, "task.patch_size")
-        _check(self.per_class >= 1, "task.per_class", f"must be >= 1, got {self.per_class}")
-        _check(0.0 <= self.overlap < 1.0, "task.overlap", f"must be in [0, 1), got {self.overlap}")
+        check(bool(self.cases), "task.cases", "must name the folder of labelled cases")
+        check(len(self.names) != 1, "task.names", "needs at least two cases (leave-one-case-out), or []")
+        check_size(self.patch_size, "task.patch_size")
+        check(self.per_class >= 1, "task.per_class", f"must be >= 1, got {self.per_class}")
+        check(0.0 <= self.overlap < 1.0, "task.overlap", f"must be in [0, 1), got {self.overlap}")
 
 
 @dataclass
@@ -139,16 +136,16 @@ class FinetuneTrainConfig:
     """Train the head (and decoder) only."""
 
     def __post_init__(self) -> None:
-        _check(self.steps >= 1, "train.steps", f"must be >= 1, got {self.steps}")
-        _check(self.batch_size >= 2, "train.batch_size", f"must be >= 2 (BatchNorm), got {self.batch_size}")
-        _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
-        _check(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
-        _check(
+        check(self.steps >= 1, "train.steps", f"must be >= 1, got {self.steps}")
+        check(self.batch_size >= 2, "train.batch_size", f"must be >= 2 (BatchNorm), got {self.batch_size}")
+        check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        check(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        check(
             len(self.label_fractions) > 0 and all(0 < f <= 1 for f in self.label_fractions),
             "train.label_fractions",
             f"must be fractions in (0, 1], got {self.label_fractions}",
         )
-        _check(len(self.seeds) > 0, "train.seeds", "needs at least one seed")
+        check(len(self.seeds) > 0, "train.seeds", "needs at least one seed")
 
 
 @dataclass
@@ -215,7 +212,7 @@ class SegmentationUNet(nn.Module):
             for d in reversed(range(len(chans) - 1))
         )
         self.blocks = nn.ModuleList(
-            nn.Sequential(LUConv(chans[d + 1] + chans[d], chans[d], norm), LUConv(chans[d], chans[d], norm))  # type: ignore[arg-type]
+            nn.Sequential(LUConv(chans[d + 1] + chans[d], chans[d], norm), LUConv(chans[d], chans[d], norm))
             for d in reversed(range(len(chans) - 1))
         )
         self.head = nn.Conv3d(chans[0], num_classes, kernel_size=1)
@@ -325,7 +322,7 @@ def _encoders(cfg: FinetuneConfig) -> list[_Encoder]:
     if cfg.encoder.lower() in ("none", ""):
         arch = {"in_channels": 1, "base_channels": cfg.model.base_channels, "depth": cfg.model.depth}
         arch["norm"] = "batch" if cfg.model.norm == "sync_batch" else cfg.model.norm
-        return [_Encoder("scratch", arch, None, tuple(cfg.task.ct_window))]  # type: ignore[arg-type]
+        return [_Encoder("scratch", arch, None, tuple(cfg.task.ct_window))]
     from pcrl.export import load_encoder
 
     try:
@@ -335,9 +332,9 @@ def _encoders(cfg: FinetuneConfig) -> list[_Encoder]:
         raise ConfigError(f"encoder={cfg.encoder}: {e}") from None
     arch = {k: meta["architecture"][k] for k in ("in_channels", "base_channels", "depth", "norm")}
     window = tuple(float(v) for v in meta["preprocessing"]["ct_window_hu"])
-    out = [_Encoder("pretrained", arch, loaded.state_dict(), window)]  # type: ignore[arg-type]
+    out = [_Encoder("pretrained", arch, loaded.state_dict(), window)]
     if cfg.scratch_baseline:
-        out.append(_Encoder("scratch", arch, None, window))  # type: ignore[arg-type]
+        out.append(_Encoder("scratch", arch, None, window))
     return out
 
 
@@ -560,7 +557,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         "ct_window": list(window),
         "seeds": list(tc.seeds),
         "steps": tc.steps,
-        "config_hash": config_hash(cfg),  # type: ignore[arg-type]
+        "config_hash": config_hash(cfg),
         "rows": rows,
         "gains": gains,
     }
@@ -568,10 +565,10 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
     write_atomic(run_dir / "results.md", _markdown(results))
-    write_atomic(run_dir / "config.json", json.dumps(config_to_dict(cfg), indent=2) + "\n")  # type: ignore[arg-type]
+    write_atomic(run_dir / "config.json", json.dumps(config_to_dict(cfg), indent=2) + "\n")
 
     tracker = Tracker(run_dir, cfg.tracking.uri, cfg.tracking.experiment, enabled=cfg.tracking.enabled)
-    tracker.start(cfg.run.name, flatten_config(cfg))  # type: ignore[arg-type]
+    tracker.start(cfg.run.name, flatten_config(cfg))
     flat: dict[str, float] = {}
     for row in rows:
         for key in (metric, "accuracy"):

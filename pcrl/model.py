@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import NamedTuple, get_args
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-if TYPE_CHECKING:
-    from pcrl.config import ModelConfig
+from pcrl.config import ModelConfig, Norm
 
 __all__ = [
     "NORMS",
@@ -40,8 +39,8 @@ __all__ = [
     "private_model",
 ]
 
-Norm = Literal["batch", "sync_batch", "group", "instance"]
-NORMS: tuple[str, ...] = ("batch", "sync_batch", "group", "instance")
+NORMS: tuple[str, ...] = get_args(Norm)
+"""The valid ``norm`` arguments: those of :data:`pcrl.config.Norm` (the ``model.norm`` key)."""
 _GROUPS = 8  # GroupNorm groups, as the reference's 'gn' option
 
 

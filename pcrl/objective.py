@@ -19,12 +19,13 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pcrl.config import BetaSchedule, BnStats
 from pcrl.model import PCRLv2Output, PCRLv2UNet, ScaleFeatures, build_model, frozen_buffers
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ __all__ = [
 LOSS_TERMS = ("loss", "restore", "multiscale", "global", "local")
 
 
-def beta_schedule(step: int, total_steps: int, kind: str = "cosine") -> float:
+def beta_schedule(step: int, total_steps: int, kind: BetaSchedule = "cosine") -> float:
     """Weight β of the multi-scale restoration term at a global step.
 
     ``cosine``: β = ½(1 + cos(π·step/total_steps)), with ``step`` clamped to [0, total_steps] (1 → 0; the
@@ -57,7 +58,7 @@ def beta_schedule(step: int, total_steps: int, kind: str = "cosine") -> float:
     if kind == "constant":
         return 1.0
     if kind != "cosine":
-        raise ValueError(f"kind must be 'cosine' or 'constant', got {kind!r}")
+        raise ValueError(f"kind must be one of {get_args(BetaSchedule)}, got {kind!r}")
     progress = min(max(step, 0), total_steps) / total_steps
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
@@ -132,6 +133,8 @@ class PCRLv2Objective(nn.Module):
             if value < 0:
                 raise ValueError(f"{name} weight must be >= 0, got {value}")
         views = tuple(restore_views)
+        # ObjectiveConfig checks the same rule when a config loads (naming objective.restore_views, before
+        # any process starts); this check is for callers that build the objective directly.
         if not views or not set(views) <= {1, 2} or len(set(views)) != len(views):
             raise ValueError(f"restore_views must be (1,), (2,) or (1, 2), got {list(restore_views)}")
         self.restore_weight = float(restore)
@@ -287,10 +290,10 @@ class PCRLv2Task(nn.Module):
             forward does, the last being the local views' (the reference's behaviour).
     """
 
-    def __init__(self, model: PCRLv2UNet, objective: PCRLv2Objective, bn_stats: str = "global") -> None:
+    def __init__(self, model: PCRLv2UNet, objective: PCRLv2Objective, bn_stats: BnStats = "global") -> None:
         super().__init__()
-        if bn_stats not in ("global", "all"):
-            raise ValueError(f"bn_stats must be 'global' or 'all', got {bn_stats!r}")
+        if bn_stats not in get_args(BnStats):
+            raise ValueError(f"bn_stats must be one of {get_args(BnStats)}, got {bn_stats!r}")
         self.model = model
         self.objective = objective
         self.bn_stats = bn_stats

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import typing
 from pathlib import Path
 
 import pytest
 
 from pcrl.config import (
     ConfigError,
+    ModelConfig,
     PretrainConfig,
     config_from_dict,
     config_hash,
@@ -84,6 +87,40 @@ def test_config_errors_name_the_key(override: str, key: str, phrase: str) -> Non
         load_config(None, [override])
     assert str(err.value).startswith(key), str(err.value)
     assert phrase in str(err.value)
+
+
+def _choice_keys(schema: type, prefix: str = "") -> list[tuple[str, tuple[object, ...]]]:
+    """Every ``Literal[...]`` key of a schema tree, dotted, with its allowed values."""
+    hints = typing.get_type_hints(schema)
+    keys = []
+    for f in dataclasses.fields(schema):
+        key, tp = f"{prefix}{f.name.rstrip('_')}", hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys += _choice_keys(tp, f"{key}.")
+        elif typing.get_origin(tp) is typing.Literal:
+            keys.append((key, typing.get_args(tp)))
+    return keys
+
+
+def test_config_every_choice_is_checked_from_its_type() -> None:
+    """A key typed Literal[...] rejects other values with the key and every allowed value named, in every
+    section of both schemas (a section whose __post_init__ forgot check_choices would let them through)."""
+    from pcrl.finetune import FinetuneConfig, load_finetune_config
+
+    for schema, load in ((PretrainConfig, load_config), (FinetuneConfig, load_finetune_config)):
+        keys = _choice_keys(schema)
+        assert "model.norm" in dict(keys)
+        for key, allowed in keys:
+            bad = 99 if isinstance(allowed[0], int) else "nope"
+            with pytest.raises(ConfigError) as err:
+                load(None, [f"{key}={bad}"])
+            listed = ", ".join(map(str, allowed[:-1])) + f" or {allowed[-1]}"
+            assert str(err.value) == f"{key}: must be {listed}, got {bad!r}"
+    # A near miss gets a suggestion; a section built in code is checked like a loaded one.
+    with pytest.raises(ConfigError, match=r"^model\.norm: .*got 'btach'\. Did you mean 'batch'\?$"):
+        load_config(None, ["model.norm=btach"])
+    with pytest.raises(ConfigError, match=r"^model\.norm: must be batch, sync_batch, group or instance"):
+        ModelConfig(norm="layer")  # type: ignore[arg-type]
 
 
 def test_config_precedence_cli_over_yaml_over_defaults(tmp_path: Path) -> None:

@@ -153,7 +153,7 @@ def test_two_processes_evaluate_without_deadlock(sample_shards: Path, tmp_path: 
 
 def test_console_line_shows_validation_only_when_evaluated() -> None:
     """The console line of an evaluation step carries val/psnr (and the probe's accuracy); others do not."""
-    from pcrl.tracking import ConsoleProgress
+    from pcrl.progress import ConsoleProgress
 
     console = ConsoleProgress(10, enabled=False)
     plain = console.line(2, {"loss/total": 0.5, "optim/lr": 1e-3})

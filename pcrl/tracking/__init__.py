@@ -1,4 +1,4 @@
-"""Run tracking: MLflow (rank 0), ``metrics.jsonl`` in the run folder, and the console line.
+"""Run tracking: MLflow (rank 0) and ``metrics.jsonl`` in the run folder.
 
 This is the only module that imports ``mlflow``. Every record is first appended to ``metrics.jsonl``, so an
 MLflow outage loses nothing. When the MLflow server is unreachable (at the start or in the middle of a run)
@@ -10,17 +10,15 @@ sent twice). A run that ended during an outage is brought up to date afterwards 
 
 which is idempotent. The MLflow run id of a run folder is kept in ``<run_dir>/mlflow_run.json`` (one entry
 per tracking URI), so a relaunch, a late reconnection and the sync command all continue the same run.
+That command is ``pcrl/tracking/__main__.py``; the console progress line is :mod:`pcrl.progress`.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime as _dt
 import json
 import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,17 +27,17 @@ from typing import Any
 from pcrl.io import read_jsonl, write_atomic
 
 __all__ = [
-    "ConsoleProgress",
     "SweepTracker",
     "Tracker",
     "default_tracking_uri",
-    "format_duration",
-    "main",
     "sync_run_folder",
 ]
 
 logger = logging.getLogger(__name__)
 
+# Set when this module is imported, not when a Tracker is made: MLflow decides on telemetry once, when it is
+# imported, and `import deepspeed` imports it (deepspeed.autotuning), which the engine does before it makes
+# its Tracker. The two HTTP settings are read per request, but belong with the first.
 # MLflow 3 reports usage to its vendor by default. Hospital networks and clusters must not phone home
 # unasked: off unless the user sets the variable themselves.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -529,116 +527,6 @@ class SweepTracker:
             self._warn("close the sweep's parent run", e)
 
 
-def format_duration(seconds: float) -> str:
-    """``3725`` → ``'1:02:05'``."""
-    if not math.isfinite(seconds) or seconds < 0:
-        return "?"
-    return str(_dt.timedelta(seconds=int(seconds)))
-
-
-class ConsoleProgress:
-    """One readable line per log step (with progress and ETA), plus a live bar when stderr is a terminal.
-
-    The line carries the progress itself, so logs captured by Slurm or CI (no terminal) stay readable.
-    """
-
-    def __init__(self, total_steps: int, start_step: int = 0, enabled: bool = True) -> None:
-        from tqdm import tqdm
-
-        self.total = total_steps
-        self.enabled = enabled
-        self._t0 = time.perf_counter()
-        self._s0 = start_step
-        self._bar = tqdm(
-            total=total_steps,
-            initial=start_step,
-            unit="step",
-            dynamic_ncols=True,
-            leave=False,
-            disable=not (enabled and sys.stderr.isatty()),
-        )
-
-    def update(self, step: int) -> None:
-        self._bar.n = step
-        self._bar.refresh()
-
-    def eta(self, step: int) -> float:
-        done = step - self._s0
-        if done <= 0:
-            return float("nan")
-        return (time.perf_counter() - self._t0) / done * (self.total - step)
-
-    def line(self, step: int, metrics: Mapping[str, float]) -> str:
-        pct = 100.0 * step / self.total
-        parts = [f"step {step}/{self.total} ({pct:.0f}%)"]
-        loss_keys = [k for k in metrics if k.startswith("loss/")]
-        parts.append(" ".join(f"{k.removeprefix('loss/')} {metrics[k]:.4f}" for k in loss_keys))
-        if "optim/lr" in metrics:
-            parts.append(f"lr {metrics['optim/lr']:.2e}")
-        if "schedule/beta" in metrics:
-            parts.append(f"β {metrics['schedule/beta']:.3f}")
-        # Evaluation steps only: the held-out restoration quality (what sweeps optimise) and the probe.
-        if "val/psnr" in metrics:
-            parts.append(f"val psnr {metrics['val/psnr']:.2f} dB")
-        if "probe/accuracy" in metrics:
-            parts.append(f"probe acc {metrics['probe/accuracy']:.3f}")
-        if "perf/samples_per_s" in metrics:
-            parts.append(f"{metrics['perf/samples_per_s']:.2f} samples/s")
-        if "perf/tflops_per_device" in metrics:
-            parts.append(f"{metrics['perf/tflops_per_device']:.3g} TFLOP/s per device")
-        if "perf/data_wait_frac" in metrics:
-            parts.append(f"data wait {100 * metrics['perf/data_wait_frac']:.0f}%")
-        if "memory/peak_gib" in metrics:
-            parts.append(f"peak {metrics['memory/peak_gib']:.2f} GiB")
-        parts.append(f"eta {format_duration(self.eta(step))}")
-        return " | ".join(parts)
-
-    def log(self, step: int, metrics: Mapping[str, float]) -> None:
-        if not self.enabled:
-            return
-        self._bar.write(self.line(step, metrics), file=sys.stderr)
-
-    def close(self) -> None:
-        self._bar.close()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pcrl.tracking sync RUN_DIR [--uri URI]``: send a run folder's records to MLflow."""
-    parser = argparse.ArgumentParser(
-        prog="python -m pcrl.tracking",
-        description="Send what an MLflow run lacks from its run folder (after an outage). Idempotent.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    sync = sub.add_parser("sync", help="bring the MLflow run of RUN_DIR up to date with its metrics.jsonl")
-    sync.add_argument("run_dir", type=Path, help="the run folder (holds config.yaml and metrics.jsonl)")
-    sync.add_argument("--uri", default=None, help="MLflow tracking URI (default: the run's tracking.uri)")
-    sync.add_argument("--experiment", default=None, help="experiment name (default: the run's)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-
-    from pcrl.config import ConfigError
-
-    run_dir: Path = args.run_dir
-    if not (run_dir / "metrics.jsonl").is_file():
-        print(f"pcrl.tracking: error: {run_dir} has no metrics.jsonl; give a run folder", file=sys.stderr)
-        return 2
-    try:
-        tracker, sent = sync_run_folder(run_dir, args.uri, args.experiment)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"pcrl.tracking: error: {run_dir / 'config.yaml'}: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        print(
-            f"pcrl.tracking: error: {e}; is the server up? (a re-run sends only what is missing)",
-            file=sys.stderr,
-        )
-        return 1
-    print(
-        f"{run_dir}: MLflow run {tracker.run_id} at {tracker.uri} is up to date ({sent} metric values sent)"
-    )
-    return 0
-
-
 def sync_run_folder(
     run_dir: Path, uri: str | None = None, experiment: str | None = None, run_name: str | None = None
 ) -> tuple[Tracker, int]:
@@ -662,7 +550,3 @@ def sync_run_folder(
         run_dir, cfg.tracking.uri if uri is None else uri, experiment or cfg.tracking.experiment
     )
     return tracker, tracker.sync(run_name or cfg.run.name, flatten_config(cfg))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
