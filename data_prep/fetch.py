@@ -44,6 +44,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pcrl import exit_status
 from pcrl.io import file_sha256
 
 __all__ = [
@@ -437,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.list:
         _print_sources()
-        return 0
+        return exit_status.OK
     try:
         if args.source is None and args.set == "pretrain":
             samples = fetch_pretraining(args.dest, verbose=True)
@@ -445,11 +446,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             samples = fetch_samples(args.dest, args.source, verbose=True)
     except FetchError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return exit_status.FAILED
     width = max((len(n) for n in samples), default=0)
     for name, path in sorted(samples.items()):
         print(f"  {name:{max(width, 14)}s} {path}")
-    return 0
+    return exit_status.OK
 
 
 if __name__ == "__main__":

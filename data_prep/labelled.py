@@ -36,6 +36,7 @@ import numpy as np
 
 from data_prep.prepare import detect_modality, intensity_policy, resample
 from data_prep.readers import load_volume
+from pcrl import exit_status
 from pcrl.io import atomic_path, write_atomic
 
 __all__ = ["AAL_NAME", "CASES_NAME", "default_output", "main", "prepare_aal", "prepare_labelled"]
@@ -204,8 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"atlas: {index}")
     except (FetchError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+        return exit_status.FAILED
+    return exit_status.OK
 
 
 if __name__ == "__main__":

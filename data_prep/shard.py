@@ -64,6 +64,7 @@ from data_prep.writer import (
     prepare_output,
 )
 from data_prep.zarr_writer import ZarrWriter
+from pcrl import exit_status
 from pcrl.io import write_atomic
 from pcrl.shards import IMAGE_SUFFIX, MANIFEST_KEYS, MANIFEST_NAME, META_SUFFIX
 
@@ -385,12 +386,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(str(e))  # exits 2
         except PoolError as e:  # Ray unreachable, or a worker died reading DICOM headers
             print(f"error: {e}", file=sys.stderr)
-            return 1
+            return exit_status.FAILED
         try:
             summary = _run(job, pool)
         except PoolError as e:
             print(f"error: {e}", file=sys.stderr)
-            return 1
+            return exit_status.FAILED
     if summary.up_to_date:
         print(f"{args.output} is up to date: same inputs and options as its summary.json; nothing written")
     print(
@@ -404,8 +405,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"--max-reject-fraction {summary.max_reject_fraction}; the reasons are in {args.output / REJECTS_NAME}",
             file=sys.stderr,
         )
-        return 3
-    return 0
+        return exit_status.REJECTS
+    return exit_status.OK
 
 
 if __name__ == "__main__":

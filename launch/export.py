@@ -18,6 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pcrl import exit_status
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Export a pretrained encoder (safetensors + JSON).")
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         weights, meta_path = export_encoder(args.run_dir, args.step, args.output)
     except (FileNotFoundError, ValueError, ConfigError, RuntimeError) as e:
         print(f"export: error: {e}", file=sys.stderr)
-        return 2
+        return exit_status.USAGE
     meta = read_encoder_meta(meta_path)
     arch, training = meta["architecture"], meta["training"]
     print(f"encoder:  {weights}")
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         f"config {training['config_hash']}"
     )
     print(f"load it:  pcrl.load_encoder({str(weights.parent)!r})")
-    return 0
+    return exit_status.OK
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pcrl import exit_status
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -48,10 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         finetune(cfg)
     except (ConfigError, FileNotFoundError, EncoderLoadError) as e:
         print(f"finetune: error: {e}", file=sys.stderr)
-        return 2
+        return exit_status.USAGE
     print((cfg.run_dir / "results.md").read_text())
     print(f"results: {cfg.run_dir / 'results.json'}")
-    return 0
+    return exit_status.OK
 
 
 if __name__ == "__main__":

@@ -29,19 +29,13 @@ import shlex
 import sys
 from pathlib import Path
 
-# Spin-waiting OpenMP threads collapse throughput on shared CPU hosts (notes: up to 4x); must be set
-# before torch starts its thread pool.
+# Spin-waiting OpenMP threads collapse throughput on shared CPU hosts; must be set before torch starts its
+# thread pool.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pcrl import exit_status
 from pcrl.config import ConfigError, PretrainConfig, load_config
-
-EXIT_PREEMPTED = 75
-"""Exit status after a preemption signal: a checkpoint was saved; relaunch the same command to continue
-(EX_TEMPFAIL: a temporary failure, try again)."""
-EXIT_RANK_LOST = 76
-"""Exit status of the surviving ranks when another rank died or stopped answering (the message names it);
-relaunching continues from the last checkpoint (launch/slurm/pretrain.sbatch requeues a few times)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -94,14 +88,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as e:
         print(f"pretrain: error: {e}", file=sys.stderr)
-        return 2
+        return exit_status.USAGE
     if not cfg.data.shards:
         print(
             "pretrain: error: data.shards: no shards given; add data.shards=PATH (a folder made by "
             "python -m data_prep.shard)",
             file=sys.stderr,
         )
-        return 2
+        return exit_status.USAGE
 
     from pcrl.checkpoint import CheckpointWriteError
     from pcrl.data import BadDataError
@@ -112,23 +106,23 @@ def main(argv: list[str] | None = None) -> int:
         metrics = train(cfg)
     except ConfigError as e:
         print(f"pretrain: error: {e}", file=sys.stderr)
-        return 2
+        return exit_status.USAGE
     except NonFiniteLossError as e:
         print(f"pretrain: stopped: {e}", file=sys.stderr)
-        return 3
+        return exit_status.NONFINITE
     except BadDataError as e:
         print(f"pretrain: stopped: {BadDataError.message(e)}", file=sys.stderr)
-        return 4
+        return exit_status.BAD_DATA
     except CheckpointWriteError as e:
         print(f"pretrain: stopped: {e}", file=sys.stderr)
-        return 5
+        return exit_status.CHECKPOINT_WRITE
     except RankLost as e:
         print(f"pretrain: stopped: {e}", file=sys.stderr)
-        return EXIT_RANK_LOST
+        return exit_status.RANK_LOST
     except Preempted as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"pretrain: preempted: {e}; launch the same command again to continue", file=sys.stderr)
-        return EXIT_PREEMPTED
+        return exit_status.PREEMPTED
     finally:
         import gc
 
@@ -143,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if os.environ.get("RANK", "0") == "0":
         print(summary(cfg, metrics))
-    return 0
+    return exit_status.OK
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pcrl import exit_status
 from pcrl.config import ConfigError
 
 
@@ -52,15 +53,15 @@ def main(argv: list[str] | None = None) -> int:
         result = run_sweep(sweep, address=args.address, resume=args.resume)
     except (ConfigError, FileNotFoundError) as e:
         print(f"tune: error: {e}", file=sys.stderr)
-        return 2
+        return exit_status.USAGE
     except KeyboardInterrupt:
         print(f"tune: interrupted; continue with: {' '.join(sys.argv)} --resume", file=sys.stderr)
-        return 130
+        return exit_status.INTERRUPTED
     outcomes = ", ".join(f"{t} {o}" for t, o in sorted(result.trials.items()))
     print(f"\ntrials:      {outcomes}")
     print(f"best:        {result.best_value:.4g} with {result.best_params}")
     print(f"best config: {result.best_config} (python launch/pretrain.py --config {result.best_config})")
-    return 0
+    return exit_status.OK
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from pcrl import exit_status
 from pcrl.config import ConfigError
 from pcrl.tracking import sync_run_folder
 
@@ -36,22 +37,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir: Path = args.run_dir
     if not (run_dir / "metrics.jsonl").is_file():
         print(f"pcrl.tracking: error: {run_dir} has no metrics.jsonl; give a run folder", file=sys.stderr)
-        return 2
+        return exit_status.USAGE
     try:
         tracker, sent = sync_run_folder(run_dir, args.uri, args.experiment)
     except (ConfigError, FileNotFoundError) as e:
         print(f"pcrl.tracking: error: {run_dir / 'config.yaml'}: {e}", file=sys.stderr)
-        return 2
+        return exit_status.USAGE
     except RuntimeError as e:
         print(
             f"pcrl.tracking: error: {e}; is the server up? (a re-run sends only what is missing)",
             file=sys.stderr,
         )
-        return 1
+        return exit_status.FAILED
     print(
         f"{run_dir}: MLflow run {tracker.run_id} at {tracker.uri} is up to date ({sent} metric values sent)"
     )
-    return 0
+    return exit_status.OK
 
 
 if __name__ == "__main__":
