@@ -89,10 +89,16 @@ class RunConfig:
     """Seed of every random stream (python, numpy, torch, loader workers, views, objective scale draws)."""
 
     def __post_init__(self) -> None:
+        # One plain path component: ".." or a separator would put the run (and later resumes) elsewhere.
+        plain = (
+            self.name not in ("", ".", "..")
+            and not any(c in self.name for c in ("/", "\\", "\0"))
+            and self.name.isprintable()
+        )
         check(
-            bool(self.name) and "/" not in self.name,
+            plain,
             "run.name",
-            f"must be a non-empty folder name, got {self.name!r}",
+            f"must be a plain folder name (no '/', '..' or control characters), got {self.name!r}",
         )
         check(self.seed >= 0, "run.seed", f"must be >= 0, got {self.seed}")
 

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -102,8 +103,9 @@ def load_schema(
             raise FileNotFoundError(f"config file {p} does not exist")
         try:
             loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        except (yaml.YAMLError, ValueError, RecursionError) as e:
+            # ValueError: an integer too long for Python to convert; RecursionError: nesting too deep.
+            raise ConfigError(f"{p}: not valid YAML: {str(e)[:300] or type(e).__name__}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -177,7 +179,8 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
             raise ConfigError(f"override {item!r}: empty key")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError, RecursionError):
+            # Kept as text: the field's type then says what is wrong with it, naming the key.
             value = raw
         if not isinstance(value, str | list | dict):
             value = _OverrideScalar(raw.strip(), value)
@@ -251,6 +254,12 @@ class _OverrideScalar:
         return self.value
 
 
+def _shown(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a value can be a 5,000-digit number)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -277,14 +286,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         try:
             return int(value)
         except ValueError:
-            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+            raise ConfigError(f"{key}: expected an integer, got {_shown(value)}") from None
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+            raise ConfigError(f"{key}: expected a number, got {_shown(value)}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {_shown(value)}")
+        return number
     if tp is str:
         if isinstance(value, dict | list):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -316,8 +328,8 @@ def _parse_inline_list(text: str, key: str) -> list[Any]:
 
     try:
         value = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{key}: cannot parse {text!r} as a list: {e}") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as e:
+        raise ConfigError(f"{key}: cannot parse {text[:100]!r} as a list: {str(e)[:300]}") from None
     if not isinstance(value, list):
         raise ConfigError(f"{key}: expected a list like [1, 2], got {text!r}")
     return value
