@@ -138,17 +138,17 @@ def load_json(text: str | bytes, what: str) -> Any:
             text = text.decode("utf-8")
         except UnicodeDecodeError as e:
             raise ValueError(f"{what} is not UTF-8 text: {e}") from None
-    # Nesting depth outside strings: strip string literals, then a running count of brackets.
-    bare = re.sub(r'"(?:[^"\\]|\\.)*"', "", text)
-    steps = np.frombuffer(bare.encode("ascii", "replace"), dtype=np.uint8)
-    depth = np.cumsum(
-        np.isin(steps, (ord("["), ord("{"))).astype(np.int64) - np.isin(steps, (ord("]"), ord("}")))
-    )
-    deepest = int(depth.max()) if depth.size else 0
-    if deepest > MAX_JSON_DEPTH:
-        raise ValueError(
-            f"{what} nests {deepest} levels deep, more than the {MAX_JSON_DEPTH} a reader accepts"
-        )
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH:  # only then can it nest too deep
+        # Nesting depth outside strings: strip string literals, then a running count of brackets.
+        bare = re.sub(r'"(?:[^"\\]|\\.)*"', "", text)
+        steps = np.frombuffer(bare.encode("ascii", "replace"), dtype=np.uint8)
+        opens = np.isin(steps, (ord("["), ord("{"))).astype(np.int64)
+        depth = np.cumsum(opens - np.isin(steps, (ord("]"), ord("}"))))
+        deepest = int(depth.max()) if depth.size else 0
+        if deepest > MAX_JSON_DEPTH:
+            raise ValueError(
+                f"{what} nests {deepest} levels deep, more than the {MAX_JSON_DEPTH} a reader accepts"
+            )
     try:
         return json.loads(text, parse_float=_finite_float, parse_constant=_no_constant)
     except RecursionError:
