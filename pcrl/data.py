@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from pcrl.views import PCRLv2Views
 
 __all__ = [
+    "UNREADABLE",
     "BadDataError",
     "ViewLoader",
     "VolumeStream",
@@ -54,6 +55,23 @@ def derive_seed(*keys: int) -> int:
     """
     state = np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0]
     return int(state >> np.uint64(1))
+
+
+UNREADABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    ValueError,
+    KeyError,
+    IndexError,
+    TypeError,
+    EOFError,
+    OverflowError,
+    MemoryError,
+    RecursionError,
+    RuntimeError,  # numcodecs' Blosc errors; zstandard.ZstdError and struct.error are wrapped by pcrl.shards
+)
+"""What reading one volume may raise on a damaged or hostile shard: the volume is skipped (or, with
+``data.bad_volumes=fail``, the run stops with :class:`BadDataError`), never a traceback. KeyboardInterrupt and
+SystemExit are not among them."""
 
 
 class BadDataError(ValueError):
@@ -249,17 +267,20 @@ class VolumeStream(torch.utils.data.IterableDataset):
                         f"{record.shard}: volume {record.key} holds {int(np.size(array) - np.isfinite(array).sum())} "
                         "non-finite voxels (NaN/inf)"
                     )
-            except (OSError, ValueError) as e:
+                volume = to_unit_range(array, record.modality, self.ct_window)
+            except UNREADABLE as e:
+                e.__traceback__ = None  # its frames would keep the failed read's buffers alive
                 self._skip(record, e, share=len(indices))
                 continue
-            volume = to_unit_range(array, record.modality, self.ct_window)
             return record, volume
         raise BadDataError(
             f"no readable volume left in this loader's share of {len(indices)}; see the warnings above"
         )
 
-    def _skip(self, record: SampleRecord, error: Exception, share: int) -> None:
-        reason = str(error)
+    def _skip(self, record: SampleRecord, error: BaseException, share: int) -> None:
+        reason = (
+            str(error) if isinstance(error, (OSError, ValueError)) else f"{type(error).__name__}: {error}"
+        )
         if record.key not in reason:
             reason = f"volume {record.key}: {reason}"
         if str(record.shard) not in reason:

@@ -23,10 +23,12 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import re
+import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +40,17 @@ __all__ = [
     "IMAGE_SUFFIX",
     "MANIFEST_KEYS",
     "MANIFEST_NAME",
+    "MAX_JSON_BYTES",
+    "MAX_JSON_DEPTH",
+    "MAX_VOLUME_BYTES",
+    "MAX_ZARR_CHUNKS",
     "META_SUFFIX",
     "SPLITS",
     "ZSTD_LEVEL",
     "SampleRecord",
     "decode_volume",
     "encode_volume",
+    "load_json",
     "middle_planes",
     "read_manifest",
     "read_region",
@@ -80,6 +87,84 @@ MANIFEST_KEYS = (
 )
 """Keys every manifest line has (extra keys are allowed and ignored by the loader)."""
 SPLITS = ("train", "val", "test")
+MODALITIES = ("ct", "mr")
+FORMATS = ("webdataset", "zarr")
+
+# --- limits of the reader: shards may come from elsewhere, so nothing a file declares is trusted ----------
+
+MAX_VOLUME_BYTES = 4 << 30
+"""Largest uncompressed volume a manifest may declare (shape × dtype size): 4 GiB, 8× a 512² × 1000 CT."""
+MAX_JSON_BYTES = 1 << 20
+"""Largest manifest line, ``meta.json`` member or Zarr ``zarr.json`` read (1 MiB; real ones are < 10 KB)."""
+MAX_JSON_DEPTH = 64
+"""Deepest nesting of ``[`` / ``{`` accepted in those JSON texts (real ones nest 3 deep)."""
+MAX_ZARR_CHUNKS = 1 << 16
+"""Most chunks one Zarr volume may be cut into (data_prep writes 64³ chunks: a few hundred)."""
+_NPY_HEADER_MAX = 1 << 16
+"""Room for the ``.npy`` header in front of a volume's bytes (numpy writes 128 bytes; it reads up to 10 000)."""
+_KEY = re.compile(r"[0-9A-Za-z_.-]{1,128}")
+
+
+def _show(value: Any) -> str:
+    """A short repr for messages (a hostile value may be megabytes long)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def _no_constant(text: str) -> Any:
+    raise ValueError(f"{text} is not a number JSON allows")
+
+
+def load_json(text: str | bytes, what: str) -> Any:
+    """Parse one untrusted JSON text (a manifest line, ``meta.json``, ``zarr.json``) within the reader's limits.
+
+    Refuses texts over :data:`MAX_JSON_BYTES`, nesting deeper than :data:`MAX_JSON_DEPTH` (checked before
+    parsing, so no RecursionError), numbers that overflow a float (``1e400``) and ``NaN``/``Infinity``.
+
+    Raises:
+        ValueError: naming ``what`` and the problem.
+    """
+    if len(text) > MAX_JSON_BYTES:
+        raise ValueError(f"{what} is {len(text)} bytes, more than the {MAX_JSON_BYTES} a reader accepts")
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{what} is not UTF-8 text: {e}") from None
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH:  # only then can it nest too deep
+        # Nesting depth outside strings: strip string literals, then a running count of brackets.
+        bare = re.sub(r'"(?:[^"\\]|\\.)*"', "", text)
+        steps = np.frombuffer(bare.encode("ascii", "replace"), dtype=np.uint8)
+        opens = np.isin(steps, (ord("["), ord("{"))).astype(np.int64)
+        depth = np.cumsum(opens - np.isin(steps, (ord("]"), ord("}"))))
+        deepest = int(depth.max()) if depth.size else 0
+        if deepest > MAX_JSON_DEPTH:
+            raise ValueError(
+                f"{what} nests {deepest} levels deep, more than the {MAX_JSON_DEPTH} a reader accepts"
+            )
+    try:
+        return json.loads(text, parse_float=_finite_float, parse_constant=_no_constant)
+    except RecursionError:
+        raise ValueError(f"{what} nests too deeply") from None
+    except ValueError as e:
+        raise ValueError(f"{what} is not valid JSON: {e}") from None
+
+
+def _volume_bytes(shape: Sequence[int], dtype: str) -> int:
+    return math.prod(int(n) for n in shape) * np.dtype(dtype).itemsize
+
+
+def _zstd_bound(size: int) -> int:
+    """ZSTD_compressBound: the largest compressed size of ``size`` bytes (plus room for a checksum)."""
+    margin = ((128 << 10) - size) >> 11 if size < (128 << 10) else 0
+    return size + (size >> 8) + margin + 64
 
 
 def encode_volume(array: np.ndarray) -> tuple[bytes, str]:
@@ -100,12 +185,65 @@ def encode_volume(array: np.ndarray) -> tuple[bytes, str]:
     return zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).compress(raw), key
 
 
-def decode_volume(data: bytes) -> np.ndarray:
-    """Inverse of :func:`encode_volume`: zstd-decompress and parse the ``.npy`` bytes (no pickles)."""
+def decode_volume(data: bytes, shape: Sequence[int] | None = None, dtype: str | None = None) -> np.ndarray:
+    """Inverse of :func:`encode_volume`: zstd-decompress and parse the ``.npy`` bytes (no pickles).
+
+    Args:
+        data: one zstd frame.
+        shape, dtype: what the volume must be (from the manifest). When given, the frame's declared content
+            size must be exactly that volume's ``.npy`` size before anything is inflated, and a frame that
+            declares no size is inflated at most one byte past it, so a decompression bomb costs no memory.
+
+    Raises:
+        ValueError: the frame's size, the ``.npy`` header or the array differs from ``shape``/``dtype``;
+            zstandard.ZstdError: corrupt bytes (the frame checksum).
+    """
     import zstandard
 
-    raw = zstandard.ZstdDecompressor().decompress(data)
-    return np.load(io.BytesIO(raw), allow_pickle=False)
+    if shape is None or dtype is None:
+        raw = zstandard.ZstdDecompressor().decompress(data)
+        return np.load(io.BytesIO(raw), allow_pickle=False)
+    nbytes = _volume_bytes(shape, dtype)
+    limit = nbytes + _NPY_HEADER_MAX
+    declared = zstandard.get_frame_parameters(data).content_size
+    if declared != zstandard.CONTENTSIZE_UNKNOWN and not nbytes < declared <= limit:
+        raise ValueError(
+            f"the compressed image declares {declared} bytes uncompressed but a {dtype}{list(shape)} volume is "
+            f"{nbytes} bytes plus a .npy header; refusing to inflate it"
+        )
+    # Inflate into a buffer of the size the manifest allows, one byte more to see a bomb, never beyond.
+    buf = bytearray(limit + 1)
+    view = memoryview(buf)
+    filled = 0
+    with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=False) as reader:
+        while filled < len(buf):
+            n = reader.readinto(view[filled:])
+            if not n:
+                break
+            filled += n
+    if filled > limit:
+        raise ValueError(
+            f"the compressed image inflates to more than {limit} bytes, the most a {dtype}{list(shape)} volume "
+            "takes with its .npy header; refused at that limit"
+        )
+    head = io.BytesIO(view[: min(filled, _NPY_HEADER_MAX)])
+    try:
+        version = np.lib.format.read_magic(head)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f".npy format version {version} (encode_volume writes 1.0)")
+        read_header = (
+            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        )
+        got_shape, fortran, got_dtype = read_header(head)
+    except (ValueError, SyntaxError, TypeError, struct.error) as e:
+        raise ValueError(f"the image is not a valid .npy array: {e}") from None
+    if tuple(got_shape) != tuple(shape) or got_dtype != np.dtype(dtype) or filled - head.tell() != nbytes:
+        raise ValueError(
+            f"the image is {got_dtype}{list(got_shape)} ({filled - head.tell()} data bytes) but the manifest says "
+            f"{dtype}{list(shape)} ({nbytes} bytes)"
+        )
+    flat = np.frombuffer(buf, dtype=got_dtype, count=math.prod(shape), offset=head.tell())
+    return flat.reshape(tuple(shape), order="F" if fortran else "C")
 
 
 # --- manifest ---------------------------------------------------------------------------------------
@@ -137,39 +275,106 @@ class SampleRecord:
     source: str
     format: str = "webdataset"
     """``webdataset`` (``shard`` is a tar, read by offset) or ``zarr`` (``shard`` is one Zarr v3 array)."""
+    root: Path | None = field(default=None, compare=False, repr=False)
+    """The shard folder (the manifest's): every file read for this record must resolve inside it."""
 
     @classmethod
     def from_line(cls, line: Mapping[str, Any], root: Path) -> SampleRecord:
-        """Build a record from a parsed manifest line; ``root`` is the manifest's folder."""
+        """Build a record from a parsed manifest line; ``root`` is the manifest's folder.
+
+        Every value is checked for its type and range, the volume for :data:`MAX_VOLUME_BYTES`, and the shard
+        path, symlinks resolved, for staying inside ``root``.
+
+        Raises:
+            ValueError: naming the key and what is wrong with it.
+        """
         missing = [k for k in MANIFEST_KEYS if k not in line]
         if missing:
             raise ValueError(f"missing keys {missing}")
-        shape = tuple(int(v) for v in line["shape"])
-        spacing = tuple(float(v) for v in line["spacing"])
-        if len(shape) != 3 or len(spacing) != 3:
-            raise ValueError(f"shape and spacing must have 3 values, got {list(shape)} and {list(spacing)}")
-        shard = Path(os.path.abspath(root / str(line["shard"])))
-        if not shard.is_relative_to(os.path.abspath(root)):
-            # A manifest names files of its own folder; one that points elsewhere is damaged or hostile.
+
+        def integer(name: str, minimum: int = 0) -> int:
+            value = line[name]
+            if type(value) is not int or value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}, got {_show(value)}")
+            return value
+
+        def text(name: str, choices: Sequence[str] | None = None) -> str:
+            value = line.get(name, "webdataset") if name == "format" else line[name]
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name} must be a non-empty string, got {_show(value)}")
+            if choices is not None and value not in choices:
+                raise ValueError(f"unknown {name} {_show(value)}; expected one of {', '.join(choices)}")
+            return value
+
+        shape, spacing = line["shape"], line["spacing"]
+        if not isinstance(shape, list) or len(shape) != 3 or any(type(v) is not int or v < 1 for v in shape):
+            raise ValueError(f"shape must be 3 positive integers, got {_show(shape)}")
+        if (
+            not isinstance(spacing, list)
+            or len(spacing) != 3
+            or any(type(v) not in (int, float) or not 0 < v < math.inf for v in spacing)
+        ):
+            raise ValueError(f"spacing must be 3 positive finite numbers, got {_show(spacing)}")
+        key = text("key")
+        if not _KEY.fullmatch(key):
+            raise ValueError(f"key {_show(key)} is not a sample key (letters, digits, '_', '.', '-')")
+        dtype = text("dtype")
+        try:
+            kind = np.dtype(dtype)
+        except TypeError:
+            kind = None
+        if kind is None or kind.kind not in "iuf" or kind.name != dtype:
+            raise ValueError(f"dtype {_show(dtype)} is not a numeric dtype name (int16, float16, ...)")
+        nbytes = _volume_bytes(shape, dtype)
+        if nbytes > MAX_VOLUME_BYTES:
             raise ValueError(
-                f"shard {line['shard']!r} lies outside the manifest's folder; refusing to read it"
+                f"shape {shape} of {dtype} is {nbytes} bytes, more than the {MAX_VOLUME_BYTES} a volume may be"
+            )
+        fmt = text("format", FORMATS)
+        size, meta_size = integer("size", 1 if fmt == "webdataset" else 0), integer("meta_size")
+        bound = _zstd_bound(nbytes + _NPY_HEADER_MAX)
+        if fmt == "webdataset" and size > bound:
+            raise ValueError(
+                f"size {size} is more than a compressed {dtype}{shape} volume can take ({bound} bytes)"
+            )
+        if meta_size > MAX_JSON_BYTES:
+            raise ValueError(
+                f"meta_size {meta_size} is more than the {MAX_JSON_BYTES} bytes a meta.json may be"
+            )
+        name = text("shard")
+        shard = Path(os.path.abspath(root / name))
+        if not _inside(shard, root):
+            # A manifest names files of its own folder; one that points elsewhere (``../``, an absolute path, a
+            # symlink out of the folder) is damaged or hostile.
+            raise ValueError(
+                f"shard {_show(name)} lies outside the manifest's folder {root} (symlinks resolved); "
+                "refusing to read it"
             )
         return cls(
-            key=str(line["key"]),
+            key=key,
             shard=shard,
-            offset=int(line["offset"]),
-            size=int(line["size"]),
-            meta_offset=int(line["meta_offset"]),
-            meta_size=int(line["meta_size"]),
-            shape=shape,  # type: ignore[arg-type]
-            spacing=spacing,  # type: ignore[arg-type]
-            modality=str(line["modality"]),
-            dtype=str(line["dtype"]),
-            split=str(line["split"]),
-            checksum=str(line["checksum"]),
-            source=str(line["source"]),
-            format=str(line.get("format", "webdataset")),
+            offset=integer("offset"),
+            size=size,
+            meta_offset=integer("meta_offset"),
+            meta_size=meta_size,
+            shape=tuple(shape),  # type: ignore[arg-type]
+            spacing=tuple(float(v) for v in spacing),  # type: ignore[arg-type]
+            modality=text("modality", MODALITIES),
+            dtype=dtype,
+            split=text("split", SPLITS),
+            checksum=text("checksum"),
+            source=text("source"),
+            format=fmt,
+            root=Path(os.path.abspath(root)),
         )
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Whether ``path``, every symlink resolved, lies inside ``root`` (also resolved)."""
+    try:
+        return path.resolve().is_relative_to(Path(root).resolve())
+    except (OSError, RuntimeError):  # a symlink loop
+        return False
 
 
 def _expand_braces(pattern: str) -> list[str]:
@@ -238,16 +443,22 @@ def read_manifest(shards: str | os.PathLike[str], split: str = "train") -> list[
     manifests = _find_manifests(shards)
     for manifest in manifests:
         root = manifest.parent
-        with manifest.open("r", encoding="utf-8") as f:
-            for lineno, text in enumerate(f, 1):
-                if not text.strip():
+        with manifest.open("rb") as f:
+            lineno = 0
+            while raw := f.readline(MAX_JSON_BYTES + 1):
+                lineno += 1
+                if len(raw) > MAX_JSON_BYTES and not raw.endswith(b"\n"):
+                    raise ValueError(
+                        f"{manifest}:{lineno}: malformed manifest line: longer than {MAX_JSON_BYTES} bytes"
+                    )
+                if not raw.strip():
                     continue
                 try:
-                    line = json.loads(text)
+                    line = load_json(raw, "the line")
                     if not isinstance(line, dict):
                         raise ValueError(f"expected a JSON object, got {type(line).__name__}")
                     record = SampleRecord.from_line(line, root)
-                except (ValueError, TypeError) as e:
+                except (ValueError, TypeError, OverflowError, RecursionError) as e:
                     raise ValueError(f"{manifest}:{lineno}: malformed manifest line: {e}") from None
                 counts[record.split] = counts.get(record.split, 0) + 1
                 if split != "all" and record.split != split:
@@ -294,7 +505,24 @@ def split_or_fallback(
 # --- reading one volume -----------------------------------------------------------------------------
 
 
+def _check_inside(record: SampleRecord, path: Path) -> None:
+    """Refuse ``path`` unless it resolves (symlinks included) inside the record's shard folder: checked again at
+    read time, since a shard may have become a symlink since the manifest was read."""
+    if record.root is not None and not _inside(path, record.root):
+        raise ValueError(
+            f"{path}: resolves to {path.resolve()}, outside the shard folder {record.root}; refusing to read "
+            f"volume {record.key} through a symlink out of the folder"
+        )
+
+
 def _read_at(f: io.BufferedReader, offset: int, size: int, what: str, record: SampleRecord) -> bytes:
+    # Checked against the file's real size before reading, so a manifest size far past the end allocates nothing.
+    actual = os.fstat(f.fileno()).st_size
+    if offset + size > actual:
+        raise ValueError(
+            f"{record.shard}: {what} of volume {record.key} is truncated (the manifest puts {size} bytes at offset "
+            f"{offset}, the file has {actual}); the shard is incomplete or the manifest belongs to another shard set"
+        )
     f.seek(offset)
     data = f.read(size)
     if len(data) != size:
@@ -308,6 +536,11 @@ def _read_at(f: io.BufferedReader, offset: int, size: int, what: str, record: Sa
 def read_volume(record: SampleRecord, verify: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
     """Read one volume by seeking into its shard.
 
+    Nothing the files declare is trusted before it is checked against the manifest: member offsets and sizes
+    against the file's size, the zstd frame's content size (or, without one, a bounded inflate) against the
+    manifest's shape × dtype, Zarr metadata against the manifest before any chunk is read; every file must
+    resolve inside the shard folder.
+
     Args:
         record: the manifest record.
         verify: also check the sha256 of the compressed bytes (measured: +10–35 % per read, ~1 GB/s).
@@ -317,8 +550,11 @@ def read_volume(record: SampleRecord, verify: bool = False) -> tuple[np.ndarray,
         sample's metadata dict (``meta.json``).
 
     Raises:
-        ValueError: truncated shard, checksum mismatch, or an array that does not match the record.
+        ValueError: truncated shard, checksum mismatch, an array or metadata that does not match the record,
+            or a file outside the shard folder; the message names the shard and the key.
+        OSError: a missing or unreadable shard file.
     """
+    _check_inside(record, record.shard)
     if record.format == "zarr":
         return _read_zarr(record, verify)
     with open(record.shard, "rb") as f:
@@ -331,31 +567,109 @@ def read_volume(record: SampleRecord, verify: bool = False) -> tuple[np.ndarray,
                 f"{record.shard}: checksum mismatch for volume {record.key} ({digest} != {record.checksum})"
             )
     try:
-        array = decode_volume(data)
-    except Exception as e:
+        array = decode_volume(data, record.shape, record.dtype)
+    except Exception as e:  # zstd, numpy and MemoryError alike: all mean this sample cannot be used
         raise ValueError(
             f"{record.shard}: cannot decode volume {record.key} at offset {record.offset}: {e}"
         ) from e
-    if tuple(array.shape) != tuple(record.shape) or str(array.dtype) != record.dtype:
+    meta = load_json(meta_bytes, f"{record.shard}: meta.json of volume {record.key}")
+    if not isinstance(meta, dict):
+        raise ValueError(f"{record.shard}: meta.json of volume {record.key} is not a JSON object")
+    return array, meta
+
+
+def _zarr_layout(record: SampleRecord) -> tuple[tuple[int, int, int], int]:
+    """Check the Zarr array's ``zarr.json`` against the manifest before zarr (or anything) reads a chunk.
+
+    Returns:
+        The chunk shape and the byte size of one chunk.
+    """
+    where = f"{record.shard}: Zarr array of volume {record.key}"
+    path = record.shard / "zarr.json"
+    _check_inside(record, path)
+    with open(path, "rb") as f:
+        text = f.read(MAX_JSON_BYTES + 1)
+    meta = load_json(text, f"{path} (volume {record.key})")
+    if not isinstance(meta, dict) or meta.get("node_type") != "array" or meta.get("zarr_format") != 3:
+        raise ValueError(f"{where}: zarr.json does not describe a Zarr v3 array")
+    if meta.get("shape") != list(record.shape) or meta.get("data_type") != record.dtype:
         raise ValueError(
-            f"{record.shard}: volume {record.key} is {array.dtype}{list(array.shape)} but the manifest says "
-            f"{record.dtype}{list(record.shape)}"
+            f"{where}: zarr.json declares {_show(meta.get('data_type'))}{_show(meta.get('shape'))} but the "
+            f"manifest says {record.dtype}{list(record.shape)}; refusing to read it"
         )
-    return array, json.loads(meta_bytes)
+    grid = meta.get("chunk_grid")
+    chunks = grid.get("configuration", {}).get("chunk_shape") if isinstance(grid, dict) else None
+    if (
+        not isinstance(grid, dict)
+        or grid.get("name") != "regular"
+        or not isinstance(chunks, list)
+        or len(chunks) != 3
+        or any(type(c) is not int or not 1 <= c <= n for c, n in zip(chunks, record.shape, strict=True))
+    ):
+        raise ValueError(f"{where}: chunk grid {_show(grid)} is not a regular grid within the volume")
+    count = math.prod(-(-n // c) for n, c in zip(record.shape, chunks, strict=True))
+    if count > MAX_ZARR_CHUNKS:
+        raise ValueError(f"{where}: {count} chunks, more than the {MAX_ZARR_CHUNKS} a reader accepts")
+    codecs = meta.get("codecs")
+    names = [c.get("name") for c in codecs if isinstance(c, dict)] if isinstance(codecs, list) else None
+    if names != ["bytes", "blosc"] or meta.get("storage_transformers"):
+        # Blosc records each chunk's size in a header checked below; other codecs (gzip, zstd, sharding) would
+        # inflate a chunk before its size is known.
+        raise ValueError(
+            f"{where}: codecs {_show(names)}; the reader takes data_prep's ['bytes', 'blosc'] only"
+        )
+    encoding = meta.get("chunk_key_encoding")
+    if encoding != {"name": "default", "configuration": {"separator": "/"}}:
+        raise ValueError(f"{where}: chunk key encoding {_show(encoding)} is not data_prep's default '/'")
+    return tuple(chunks), math.prod(chunks) * np.dtype(record.dtype).itemsize  # type: ignore[return-value]
 
 
-def _open_zarr(record: SampleRecord) -> Any:
+def _check_zarr_chunks(record: SampleRecord, box: tuple[slice, ...] | None = None) -> None:
+    """Check the Blosc header of every chunk file the read will touch (all, or those under ``box``): its
+    declared uncompressed size must be one chunk's, and the file must resolve inside the shard folder."""
+    chunks, chunk_bytes = _zarr_layout(record)
+    if box is None:
+        box = tuple(slice(0, n) for n in record.shape)
+    ranges = [range(b.start // c, -(-b.stop // c)) for b, c in zip(box, chunks, strict=True)]
+    for i in ranges[0]:
+        for j in ranges[1]:
+            for k in ranges[2]:
+                path = record.shard / "c" / str(i) / str(j) / str(k)
+                if not os.path.lexists(path):
+                    continue  # a chunk of fill values is not written
+                _check_inside(record, path)
+                with open(path, "rb") as f:
+                    header = f.read(16)
+                    size = os.fstat(f.fileno()).st_size
+                declared, compressed = struct.unpack("<4xI4xI", header) if len(header) == 16 else (-1, -1)
+                if declared != chunk_bytes or compressed != size:
+                    raise ValueError(
+                        f"{path}: chunk of volume {record.key} declares {declared} bytes uncompressed and "
+                        f"{compressed} compressed (a chunk is {chunk_bytes} bytes, the file {size}); refusing to "
+                        "inflate it"
+                    )
+
+
+def _open_zarr(record: SampleRecord, box: tuple[slice, ...] | None = None) -> Any:
     import zarr
 
+    _check_zarr_chunks(record, box)
     try:
         return zarr.open_array(store=str(record.shard), mode="r", zarr_format=3)
     except Exception as e:  # FileNotFoundError, zarr's own errors for a missing or broken zarr.json
         raise ValueError(f"{record.shard}: cannot open the Zarr array of volume {record.key}: {e}") from e
 
 
+def _zarr_read(record: SampleRecord, z: Any, box: tuple[slice, ...] | Any) -> np.ndarray:
+    try:
+        return np.asarray(z[box])
+    except Exception as e:  # numcodecs' RuntimeError for corrupt Blosc bytes, zarr's own errors
+        raise ValueError(f"{record.shard}: cannot read the Zarr chunks of volume {record.key}: {e}") from e
+
+
 def _read_zarr(record: SampleRecord, verify: bool) -> tuple[np.ndarray, dict[str, Any]]:
     z = _open_zarr(record)
-    array = np.asarray(z[...])
+    array = _zarr_read(record, z, ...)
     if tuple(array.shape) != tuple(record.shape) or str(array.dtype) != record.dtype:
         raise ValueError(
             f"{record.shard}: volume {record.key} is {array.dtype}{list(array.shape)} but the manifest says "
@@ -387,7 +701,7 @@ def read_region(record: SampleRecord, start: Sequence[int], size: Sequence[int])
         The (size_x, size_y, size_z) array in the stored dtype.
 
     Raises:
-        ValueError: a box outside the volume.
+        ValueError: a box outside the volume; as :func:`read_volume` for a bad shard.
     """
     if (
         len(start) != 3
@@ -400,7 +714,8 @@ def read_region(record: SampleRecord, start: Sequence[int], size: Sequence[int])
         )
     box = tuple(slice(int(s), int(s) + int(n)) for s, n in zip(start, size, strict=True))
     if record.format == "zarr":
-        return np.asarray(_open_zarr(record)[box])
+        _check_inside(record, record.shard)
+        return _zarr_read(record, _open_zarr(record, box), box)
     array, _ = read_volume(record)
     return np.ascontiguousarray(array[box])
 
