@@ -192,13 +192,16 @@ HEADER_BATCH = 64
 
 
 def _header_batch(paths: Sequence[Path]) -> list[DicomHeader | str]:
-    """Headers of ``paths`` (runs in workers); a file that is rejected gives its reason instead."""
+    """Headers of ``paths`` (runs in workers); a file that is rejected, or whose header cannot be read for
+    any reason, gives its reason instead."""
     out: list[DicomHeader | str] = []
     for path in paths:
         try:
             out.append(read_header(path))
         except RejectedInput as e:
             out.append(str(e))
+        except Exception as e:  # one hostile file must cost only itself, never the job (or the batch)
+            out.append(f"unreadable DICOM header: {type(e).__name__}: {str(e).strip()[:200]}")
     return out
 
 
