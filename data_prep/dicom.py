@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import struct
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ __all__ = [
     "DICOM_SUFFIXES",
     "DicomHeader",
     "DicomSeries",
+    "deflated_limit",
     "group_series",
     "is_dicom",
     "load_dicom",
@@ -129,9 +132,53 @@ class DicomHeader:
     pixel_spacing: tuple[float, ...] | None
 
 
-def _dcmread(path: Path, pixels: bool) -> Any:
+# Deflated Explicit VR Little Endian: pydicom inflates the whole data set into memory before reading it.
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+
+
+def deflated_limit(max_voxels: int) -> int:
+    """The most bytes a deflated DICOM file may inflate to: 2 bytes per voxel of ``--max-voxels`` (16-bit
+    pixels) plus 64 MiB for the other elements."""
+    return 2 * max_voxels + 64 * 2**20
+
+
+def _check_deflated(path: Path, max_voxels: int) -> None:
+    """For a file in the Deflated transfer syntax, inflate its data set once, in 16 MiB pieces that are
+    dropped, and reject it when it passes :func:`deflated_limit` (pydicom would inflate all of it at once)."""
+    from pydicom.filereader import read_file_meta_info
+
+    try:
+        syntax = str(read_file_meta_info(path).get("TransferSyntaxUID", ""))
+    except Exception:
+        return  # no readable file meta: pydicom cannot know the data set is deflated either
+    if syntax != _DEFLATED:
+        return
+    limit = deflated_limit(max_voxels)
+    with path.open("rb") as f:
+        head = f.read(132)
+        start = 132 if head[128:132] == b"DICM" else 0
+        f.seek(start)
+        element = f.read(12)  # (0002,0000) UL: the length of the rest of the file meta
+        if element[:6] != b"\x02\x00\x00\x00UL":
+            raise RejectedInput("unreadable DICOM: a deflated file without a file meta group length")
+        f.seek(start + 12 + struct.unpack("<I", element[8:12])[0])
+        inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+        total = 0
+        while not inflate.eof and (chunk := f.read(2**20)):
+            while chunk:
+                total += len(inflate.decompress(chunk, 16 * 2**20))
+                if total > limit:
+                    raise RejectedInput(
+                        f"too large: the deflated data set inflates to more than {limit} bytes, the limit for "
+                        f"--max-voxels {max_voxels} (not read; raise --max-voxels to accept it)"
+                    )
+                chunk = inflate.unconsumed_tail
+
+
+def _dcmread(path: Path, pixels: bool, max_voxels: int = DEFAULT_MAX_VOXELS) -> Any:
     import pydicom
 
+    _check_deflated(path, max_voxels)
     try:
         if pixels:
             return pydicom.dcmread(str(path), force=True)
@@ -140,15 +187,21 @@ def _dcmread(path: Path, pixels: bool) -> Any:
         raise RejectedInput(f"unreadable DICOM: {type(e).__name__}: {str(e).strip()[:200]}") from None
 
 
-def read_header(path: Path) -> DicomHeader:
+def read_header(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> DicomHeader:
     """Read the grouping facts of one DICOM file.
 
+    Args:
+        path: the file.
+        max_voxels: ``--max-voxels``; a deflated file that would inflate past :func:`deflated_limit` is
+            rejected before pydicom inflates it.
+
     Raises:
-        RejectedInput: empty or unreadable file, no pixel data, or a non-image object (RTSTRUCT, SR, ...).
+        RejectedInput: empty or unreadable file, malformed header elements, no pixel data, or a non-image
+            object (RTSTRUCT, SR, ...).
     """
     if path.stat().st_size == 0:
         raise RejectedInput("unreadable: empty file")
-    ds = _dcmread(path, pixels=False)
+    ds = _dcmread(path, pixels=False, max_voxels=max_voxels)
     if "SOPClassUID" not in ds and "SeriesInstanceUID" not in ds and "PixelData" not in ds:
         raise RejectedInput("unreadable DICOM: no DICOM header found (not a DICOM file, or truncated)")
     modality = str(ds.get("Modality", "") or "").upper()
@@ -294,7 +347,7 @@ def _pixels(ds: Any, name: str) -> np.ndarray:
 
 
 def _slice_from_file(path: Path, files: int = 1, max_voxels: int = DEFAULT_MAX_VOXELS) -> _Slice:
-    ds = _dcmread(path, pixels=True)
+    ds = _dcmread(path, pixels=True, max_voxels=max_voxels)
     # Before decoding: a compressed slice is decoded into the size its header declares.
     rows, cols = _int(ds, "Rows", 0, path.name), _int(ds, "Columns", 0, path.name)
     check_voxels((cols, rows, files), max_voxels, f"the headers of its series ({path.name}) declare")
@@ -458,7 +511,7 @@ def load_dicom(paths: Sequence[Path], max_voxels: int = DEFAULT_MAX_VOXELS) -> R
             sizes, 4D content, non-finite values.
     """
     paths = list(paths)
-    first = _dcmread(paths[0], pixels=True)
+    first = _dcmread(paths[0], pixels=True, max_voxels=max_voxels)
     name = paths[0].name
     rows, cols = _int(first, "Rows", 0, name), _int(first, "Columns", 0, name)
     depth = len(paths) if len(paths) > 1 else _int(first, "NumberOfFrames", 1, name)

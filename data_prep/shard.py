@@ -165,7 +165,7 @@ def _start(inputs: Sequence[Path], output: Path, opts: ShardOptions, pool: Pool)
     job = fingerprint([f.path for f in files], opts)
     if not opts.overwrite and (done := completed_summary(output, job)) is not None:
         return _Job(inputs, output, opts, Discovery([], [], []), Resume(done=done), job)
-    found = find_inputs(inputs, opts.exclude, opts.series_gaps == "split", pool, files)
+    found = find_inputs(inputs, opts.exclude, opts.series_gaps == "split", pool, files, opts.max_voxels)
     resume = prepare_output(output, opts.overwrite, job)
     return _Job(inputs, output, opts, found, resume, job)
 

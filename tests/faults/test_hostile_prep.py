@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -25,10 +26,10 @@ from data_prep.shard import main, shard_volumes
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 REPO = Path(__file__).resolve().parents[2]
-# Peak memory of a sharding process that meets the bombs. A normal run of one tiny volume peaks at about
-# 430 MB (Python, torch, nibabel, SimpleITK, pydicom, and matplotlib for qa.png); before the header checks
-# the same run with the bombs peaked at 2350 MB.
-PEAK_BOUND_MB = 700
+# Peak memory of a sharding process (one worker: inline) that meets the bombs. A normal run of one tiny
+# volume peaks at about 270 MB (Python, torch, nibabel, SimpleITK, pydicom, matplotlib for qa.png), the run
+# with the bombs at about 370 MB; before the header checks the bombs took 2.4 GB and more.
+PEAK_BOUND_MB = 600
 
 
 def _rejects(folder: Path) -> dict[str, str]:
@@ -155,9 +156,10 @@ def _gzip_zeros(n: int, level: int = 9) -> bytes:
 
 @pytest.fixture(scope="module")
 def bombs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Files of about 1 MB each that would inflate to gigabytes: a .nii.gz of 1100×1000×1000 zeros
-    (complete: its data is all there), a .nii.gz whose header extension declares 2 GB, and a gzip NRRD of
-    1100×1000×1000 zeros (its header and a 1 MB start of the data). A good tiny volume sits next to them."""
+    """Files of a few MB at most that would inflate to gigabytes: a .nii.gz of 1100×1000×1000 zeros
+    (complete: its data is all there), a .nii.gz whose header extension declares 2 GB, a gzip NRRD of
+    1100×1000×1000 zeros (its header and a 1 MB start of the data) and a deflated DICOM of 2.1 GiB (complete).
+    A good tiny volume sits next to them."""
     root = tmp_path_factory.mktemp("bombs")
     shape = (1100, 1000, 1000)
     hdr = nib.Nifti1Header()
@@ -182,22 +184,64 @@ def bombs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         b"space directions: (1,0,0) (0,1,0) (0,0,1)\nspace origin: (0,0,0)\nencoding: gzip\n\n"
     )
     (root / "bomb.nrrd").write_bytes(nrrd + gzip.compress(b"\0" * 2**20))
+    # 2 GiB + 128 MiB: past the 2 bytes per voxel of --max-voxels (+ 64 MiB) a deflated file may inflate to.
+    _deflated_dicom_bomb(root / "deflated.dcm", 32768, 34816)
     _raw_nifti(root / "good.nii.gz", _volume(), sform=np.eye(4)[:3])
     return root
 
 
+def _deflated_dicom_bomb(path: Path, rows: int, cols: int) -> Path:
+    """A DICOM file in the Deflated transfer syntax whose data set, a ``rows``×``cols`` 16-bit CT image,
+    inflates to that many zeros; built from repeated raw deflate pieces, so it is small and quick to write."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    uid = generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CT_IMAGE_STORAGE, uid
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = CT_IMAGE_STORAGE, uid, "CT"
+    ds.SeriesInstanceUID, ds.Rows, ds.Columns = generate_uid(), rows, cols
+    pixel_bytes = rows * cols * 2
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit, ds.PixelRepresentation = 15, 0
+    head, body = DicomBytesIO(), DicomBytesIO()
+    head.is_little_endian = body.is_little_endian = True
+    head.is_implicit_VR = body.is_implicit_VR = False
+    write_file_meta_info(head, meta)
+    write_dataset(body, ds)
+    pixel_element = bytes.fromhex("e07f1000") + b"OW\0\0" + pixel_bytes.to_bytes(4, "little")
+
+    def raw(data: bytes, final: bool) -> bytes:
+        c = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+        return c.compress(data) + c.flush(zlib.Z_FINISH if final else zlib.Z_FULL_FLUSH)
+
+    block = 64 * 2**20
+    zeros = raw(b"\0" * block, final=False)  # starts a fresh history: valid after any flush point
+    stream = raw(body.getvalue() + pixel_element, False) + zeros * (pixel_bytes // block) + raw(b"", True)
+    path.write_bytes(b"\0" * 128 + b"DICM" + head.getvalue() + stream)
+    return path
+
+
 def _peak_run(args: list[str]) -> tuple[int, int, str]:
     """Run the sharding CLI in a fresh process (inline: one worker); its exit status, its peak resident
-    memory in MB (measured by itself) and its stderr."""
-    code = (
-        "import resource, sys\n"
-        "from data_prep.shard import main\n"
-        "rc = main(sys.argv[1:])\n"
-        "print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
-        "sys.exit(rc)\n"
+    memory in MB and its stderr.
+
+    A small launcher process runs it and reads ``RUSAGE_CHILDREN``: Linux carries a process's peak over
+    ``exec`` from the process it was forked from, so measured straight from pytest the peak would be
+    pytest's own.
+    """
+    launcher = (
+        "import resource, subprocess, sys\n"
+        "done = subprocess.run([sys.executable, '-m', 'data_prep.shard', *sys.argv[1:]], stdout=subprocess.DEVNULL)\n"
+        "print('PEAK_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+        "sys.exit(done.returncode)\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env,
+    done = subprocess.run([sys.executable, "-c", launcher, *args], capture_output=True, text=True, env=env,
                           timeout=300, check=False)  # fmt: skip
     peak = [int(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("PEAK_KB")]
     assert peak, done.stdout + done.stderr
@@ -207,8 +251,9 @@ def _peak_run(args: list[str]) -> tuple[int, int, str]:
 def test_gzip_bombs_are_rejected_from_their_headers_in_bounded_memory(bombs: Path, tmp_path: Path) -> None:
     """Pins: a 1 MB .nii.gz of 1100×1000×1000 zeros inflated to 2.4 GB before it was rejected as too large
     (a fact its header gave for free); a NIfTI extension that nibabel reads whole, for whatever size it
-    declares; a gzip NRRD that ITK inflates into the size its header declares."""
-    assert all(p.stat().st_size < 4 * 2**20 for p in bombs.glob("*bomb*"))
+    declares; a gzip NRRD that ITK inflates into the size its header declares; a deflated DICOM that
+    pydicom inflates whole while reading its header."""
+    assert all(p.stat().st_size < 4 * 2**20 for p in bombs.iterdir())
     good = tmp_path / "good"
     good.mkdir()
     (good / "good.nii.gz").write_bytes((bombs / "good.nii.gz").read_bytes())
@@ -225,6 +270,8 @@ def test_gzip_bombs_are_rejected_from_their_headers_in_bounded_memory(bombs: Pat
         assert "[1100, 1000, 1000]" in reason and f"--max-voxels {DEFAULT_MAX_VOXELS}" in reason, reason
         assert "raise --max-voxels" in reason, reason
     assert "extension" in rejects["extension.nii.gz"], rejects
+    assert "deflated data set inflates to more than" in rejects["deflated.dcm"], rejects
+    assert "raise --max-voxels" in rejects["deflated.dcm"], rejects
 
 
 def test_max_voxels_option_lowers_the_limit(bombs: Path, tmp_path: Path) -> None:
