@@ -69,7 +69,7 @@ class ShardOptions:
     """Smallest accepted (x, y, z) shape after resampling."""
     max_voxels: int = DEFAULT_MAX_VOXELS
     """Most voxels of one volume, checked from its header before the voxels are read (or a ``.nii.gz``
-    inflated) and again after resampling: bounds the memory of each worker (about 6 bytes per voxel for
+    inflated) and again after resampling: bounds the memory of each worker (at least 6 bytes per voxel for
     int16 input: the array read and its float32 copy)."""
     exclude: tuple[str, ...] = ()
     """Glob patterns (matched against the file name and the path relative to its input root) to skip."""

@@ -131,7 +131,7 @@ def check_voxels(shape: Sequence[int], max_voxels: int, what: str = "") -> None:
     if n > max_voxels:
         raise RejectedInput(
             f"too large: {what + ' ' if what else ''}shape {[int(v) for v in shape]} = {n} voxels, more than "
-            f"--max-voxels {max_voxels} (raise --max-voxels to accept it; each worker needs about 6 bytes "
+            f"--max-voxels {max_voxels} (raise --max-voxels to accept it; each worker needs at least 6 bytes "
             "per voxel)"
         )
 

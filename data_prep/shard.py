@@ -344,7 +344,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-voxels", type=int, default=DEFAULT_MAX_VOXELS, metavar="N",
                    help="reject a volume of more than N voxels, checked from its header before its voxels are "
                         f"read, and after resampling (default: {DEFAULT_MAX_VOXELS} = 1024^3; memory per worker "
-                        "is about 6 bytes per voxel)")  # fmt: skip
+                        "is at least 6 bytes per voxel)")  # fmt: skip
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                    help="skip files whose name or relative path matches (repeatable), e.g. '*_label*'")  # fmt: skip
     p.add_argument("--series-gaps", default="reject", choices=["reject", "split"],
