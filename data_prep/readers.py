@@ -8,8 +8,9 @@ SimpleITK, whose world frame is LPS: its x and y world axes are negated to get R
 A file that cannot become a 3D scalar volume raises :class:`RejectedInput` with a one-line reason; the
 sharder writes it to ``rejects.jsonl``. Limits are checked from the header before any voxel is read (or
 inflated, for ``.nii.gz`` and compressed NRRD/MetaImage): the voxel count against ``max_voxels``
-(:func:`check_voxels`), and the voxel size against [:data:`MIN_VOXEL_MM`, :data:`MAX_VOXEL_MM`], with the raw
-NIfTI ``pixdim`` checked before nibabel silently turns a zero into 1 mm. DICOM (series, multi-frame files, mosaics) is read by
+(:func:`check_voxels`), and the voxel size against [:data:`MIN_VOXEL_MM`, :data:`MAX_VOXEL_MM`], with the
+raw NIfTI ``pixdim`` checked before nibabel silently turns a zero into 1 mm. DICOM (series, multi-frame
+files, mosaics) is read by
 :mod:`data_prep.dicom` into the same type, with a ``modality_hint`` from the Modality tag.
 """
 
@@ -245,8 +246,8 @@ def _check_geometry(affine: np.ndarray) -> None:
     # Axes (nearly) in one plane: the volume of a voxel is a tiny fraction of the product of its sides.
     if abs(np.linalg.det(affine[:3, :3])) <= 1e-6 * float(np.prod(sizes)):
         raise RejectedInput(
-            f"invalid geometry: the voxel-to-world affine is singular (its axes {np.round(affine[:3, :3], 6).tolist()} "
-            "are not independent)"
+            "invalid geometry: the voxel-to-world affine is singular (its axes "
+            f"{np.round(affine[:3, :3], 6).tolist()} are not independent)"
         )
 
 
@@ -265,10 +266,10 @@ def _open_nifti(path: Path) -> BinaryIO:
     return path.open("rb")
 
 
-def _check_nifti_header(path: Path, take_volume: int | None, max_voxels: int) -> None:
+def _check_nifti_header(path: Path, max_voxels: int) -> None:
     """Check the raw NIfTI header before nibabel loads the file: the declared shape against ``max_voxels``,
     the header and extension sizes, and the voxel sizes as stored (``pixdim``, which nibabel silently
-    repairs: a zero becomes 1 mm) and the sform (non-finite, singular).
+    repairs: a zero becomes 1 mm) and the sform (non-finite; :func:`finalize` checks the affine it gives).
 
     Reads at most the header and the 8-byte head of each extension, whatever the file declares.
     """
@@ -291,10 +292,8 @@ def _check_nifti_header(path: Path, take_volume: int | None, max_voxels: int) ->
         dims = [int(v) for v in fields["dim"][1 : 1 + ndim]] if 1 <= ndim <= 7 else []
         if not dims or any(d < 1 for d in dims):
             raise RejectedInput(f"invalid header: dim {fields['dim'].tolist()} is not a valid image shape")
-        shape = _squeeze_to_3d(tuple(dims))
-        if len(shape) == 4 and take_volume is not None:
-            shape = shape[:3]  # only volume T is read
-        check_voxels(shape[:3] if len(shape) > 3 else shape, max_voxels, "its header declares")
+        # One 3D volume is read at most: a 4D file is rejected, or only volume --take-volume is read.
+        check_voxels(_squeeze_to_3d(tuple(dims))[:3], max_voxels, "its header declares")
         vox_offset = float(fields["vox_offset"])
         if not math.isfinite(vox_offset) or not 0 <= vox_offset <= MAX_NIFTI_HEADER_BYTES:
             raise RejectedInput(
@@ -341,7 +340,7 @@ def _read_nifti(
 
     header: dict[str, Any] = {"reader": "nibabel"}
     try:
-        _check_nifti_header(path, take_volume, max_voxels)
+        _check_nifti_header(path, max_voxels)
         img = nib.load(str(path))
         shape = _squeeze_to_3d(img.shape)
         stored_dtype = np.dtype(img.get_data_dtype())
