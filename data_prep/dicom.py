@@ -16,6 +16,9 @@ size differs, and at gaps when asked), and :func:`load_dicom` reads one series' 
 from __future__ import annotations
 
 import hashlib
+import math
+import struct
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.readers import RawVolume, RejectedInput, finalize
+from data_prep.readers import DEFAULT_MAX_VOXELS, RawVolume, RejectedInput, check_voxels, finalize
 
 __all__ = [
     "DICOM_SUFFIXES",
     "DicomHeader",
     "DicomSeries",
+    "deflated_limit",
     "group_series",
     "is_dicom",
     "load_dicom",
@@ -77,6 +81,39 @@ def _floats(value: Any, n: int) -> tuple[float, ...] | None:
     return out if len(out) == n and all(np.isfinite(out)) else None
 
 
+def _int(ds: Any, keyword: str, default: int, name: str) -> int:
+    """An integer element (``Rows``, ``NumberOfFrames``, ...), or a reject naming it and the file when it
+    holds anything else (text, a negative count)."""
+    value = ds.get(keyword, default)
+    if value is None or value == "":
+        return default
+    try:
+        out = int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise RejectedInput(
+            f"malformed DICOM header in {name}: {keyword} is {str(value)[:40]!r}, not an integer"
+        ) from None
+    if out < 0:
+        raise RejectedInput(f"malformed DICOM header in {name}: {keyword} is {out}, not a count")
+    return out or default
+
+
+def _float(value: Any, default: float, keyword: str, name: str) -> float:
+    """A decimal element (``RescaleSlope``, ...), or a reject naming it and the file when it is no finite
+    number."""
+    if value is None or value == "":
+        return default
+    try:
+        out = float(value)
+    except (TypeError, ValueError, OverflowError):
+        out = math.nan
+    if not math.isfinite(out):
+        raise RejectedInput(
+            f"malformed DICOM header in {name}: {keyword} is {str(value)[:40]!r}, not a finite number"
+        )
+    return out
+
+
 @dataclass(frozen=True)
 class DicomHeader:
     """What grouping needs from one file (read without its pixel data)."""
@@ -95,27 +132,76 @@ class DicomHeader:
     pixel_spacing: tuple[float, ...] | None
 
 
-def _dcmread(path: Path, pixels: bool) -> Any:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+# Deflated Explicit VR Little Endian: pydicom inflates the whole data set into memory before reading it.
+_DEFLATED = "1.2.840.10008.1.2.1.99"
 
+
+def deflated_limit(max_voxels: int) -> int:
+    """The most bytes a deflated DICOM file may inflate to: 2 bytes per voxel of ``--max-voxels`` (16-bit
+    pixels) plus 64 MiB for the other elements."""
+    return 2 * max_voxels + 64 * 2**20
+
+
+def _check_deflated(path: Path, max_voxels: int) -> None:
+    """For a file in the Deflated transfer syntax, inflate its data set once, in 16 MiB pieces that are
+    dropped, and reject it when it passes :func:`deflated_limit` (pydicom would inflate all of it at once)."""
+    from pydicom.filereader import read_file_meta_info
+
+    try:
+        syntax = str(read_file_meta_info(path).get("TransferSyntaxUID", ""))
+    except Exception:
+        return  # no readable file meta: pydicom cannot know the data set is deflated either
+    if syntax != _DEFLATED:
+        return
+    limit = deflated_limit(max_voxels)
+    with path.open("rb") as f:
+        head = f.read(132)
+        start = 132 if head[128:132] == b"DICM" else 0
+        f.seek(start)
+        element = f.read(12)  # (0002,0000) UL: the length of the rest of the file meta
+        if element[:6] != b"\x02\x00\x00\x00UL":
+            raise RejectedInput("unreadable DICOM: a deflated file without a file meta group length")
+        f.seek(start + 12 + struct.unpack("<I", element[8:12])[0])
+        inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+        total = 0
+        while not inflate.eof and (chunk := f.read(2**20)):
+            while chunk:
+                total += len(inflate.decompress(chunk, 16 * 2**20))
+                if total > limit:
+                    raise RejectedInput(
+                        f"too large: the deflated data set inflates to more than {limit} bytes, the limit for "
+                        f"--max-voxels {max_voxels} (not read; raise --max-voxels to accept it)"
+                    )
+                chunk = inflate.unconsumed_tail
+
+
+def _dcmread(path: Path, pixels: bool, max_voxels: int = DEFAULT_MAX_VOXELS) -> Any:
+    import pydicom
+
+    _check_deflated(path, max_voxels)
     try:
         if pixels:
             return pydicom.dcmread(str(path), force=True)
         return pydicom.dcmread(str(path), force=True, defer_size="4 KB")
-    except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, IndexError) as e:
+    except Exception as e:  # InvalidDicomError, and many other types on hostile bytes (struct.error, ...)
         raise RejectedInput(f"unreadable DICOM: {type(e).__name__}: {str(e).strip()[:200]}") from None
 
 
-def read_header(path: Path) -> DicomHeader:
+def read_header(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> DicomHeader:
     """Read the grouping facts of one DICOM file.
 
+    Args:
+        path: the file.
+        max_voxels: ``--max-voxels``; a deflated file that would inflate past :func:`deflated_limit` is
+            rejected before pydicom inflates it.
+
     Raises:
-        RejectedInput: empty or unreadable file, no pixel data, or a non-image object (RTSTRUCT, SR, ...).
+        RejectedInput: empty or unreadable file, malformed header elements, no pixel data, or a non-image
+            object (RTSTRUCT, SR, ...).
     """
     if path.stat().st_size == 0:
         raise RejectedInput("unreadable: empty file")
-    ds = _dcmread(path, pixels=False)
+    ds = _dcmread(path, pixels=False, max_voxels=max_voxels)
     if "SOPClassUID" not in ds and "SeriesInstanceUID" not in ds and "PixelData" not in ds:
         raise RejectedInput("unreadable DICOM: no DICOM header found (not a DICOM file, or truncated)")
     modality = str(ds.get("Modality", "") or "").upper()
@@ -131,9 +217,9 @@ def read_header(path: Path) -> DicomHeader:
         series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
         patient_id=(str(ds.get("PatientID", "")).strip() or None),
         modality=modality,
-        rows=int(ds.get("Rows", 0) or 0),
-        cols=int(ds.get("Columns", 0) or 0),
-        frames=int(ds.get("NumberOfFrames", 1) or 1),
+        rows=_int(ds, "Rows", 0, path.name),
+        cols=_int(ds, "Columns", 0, path.name),
+        frames=_int(ds, "NumberOfFrames", 1, path.name),
         mosaic="MOSAIC" in image_type,
         orientation=_floats(ds.get("ImageOrientationPatient"), 6),
         position=_floats(ds.get("ImagePositionPatient"), 3),
@@ -260,9 +346,12 @@ def _pixels(ds: Any, name: str) -> np.ndarray:
         raise RejectedInput(f"unreadable pixel data in {name}: {text}") from None
 
 
-def _slice_from_file(path: Path) -> _Slice:
-    ds = _dcmread(path, pixels=True)
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+def _slice_from_file(path: Path, files: int = 1, max_voxels: int = DEFAULT_MAX_VOXELS) -> _Slice:
+    ds = _dcmread(path, pixels=True, max_voxels=max_voxels)
+    # Before decoding: a compressed slice is decoded into the size its header declares.
+    rows, cols = _int(ds, "Rows", 0, path.name), _int(ds, "Columns", 0, path.name)
+    check_voxels((cols, rows, files), max_voxels, f"the headers of its series ({path.name}) declare")
+    if _int(ds, "NumberOfFrames", 1, path.name) > 1:
         raise RejectedInput(f"{path.name} is a multi-frame file inside a series of single-frame files")
     ori = _floats(ds.get("ImageOrientationPatient"), 6)
     pos = _floats(ds.get("ImagePositionPatient"), 3)
@@ -274,8 +363,8 @@ def _slice_from_file(path: Path) -> _Slice:
     pixels = _pixels(ds, path.name)
     if pixels.ndim != 2:
         raise RejectedInput(f"not a scalar image: {path.name} has pixel array shape {list(pixels.shape)}")
-    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    slope = _float(ds.get("RescaleSlope"), 1.0, "RescaleSlope", path.name) or 1.0
+    intercept = _float(ds.get("RescaleIntercept"), 0.0, "RescaleIntercept", path.name)
     return _Slice(
         path.name, np.asarray(pos), np.asarray(ori), spacing,  # type: ignore[arg-type]
         _rescale(pixels, slope, intercept), pixels.dtype,
@@ -294,7 +383,7 @@ def _first(ds: Any, frame: Any, sequence: str, attr: str) -> Any:
 
 def _slices_from_multiframe(ds: Any, name: str) -> list[_Slice]:
     frames = ds.get("PerFrameFunctionalGroupsSequence")
-    n = int(ds.get("NumberOfFrames", 1) or 1)
+    n = _int(ds, "NumberOfFrames", 1, name)
     if not frames or len(frames) != n:
         raise RejectedInput(
             f"no geometry: multi-frame {name} has {n} frames but no per-frame functional groups with positions"
@@ -316,8 +405,8 @@ def _slices_from_multiframe(ds: Any, name: str) -> list[_Slice]:
         out.append(
             _Slice(
                 f"{name}[frame {i + 1}]", np.asarray(pos), np.asarray(ori), spacing,  # type: ignore[arg-type]
-                _rescale(pixels[i], float(slope if slope is not None else 1.0),
-                         float(intercept if intercept is not None else 0.0)),
+                _rescale(pixels[i], _float(slope, 1.0, "RescaleSlope", name),
+                         _float(intercept, 0.0, "RescaleIntercept", name)),
                 pixels.dtype,
             )
         )  # fmt: skip
@@ -408,18 +497,25 @@ def _mosaic(ds: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
     return array, affine
 
 
-def load_dicom(paths: Sequence[Path]) -> RawVolume:
+def load_dicom(paths: Sequence[Path], max_voxels: int = DEFAULT_MAX_VOXELS) -> RawVolume:
     """Read one series (several single-frame files) or one multi-frame / mosaic file into a canonical volume.
 
     Args:
         paths: the files of one :class:`DicomSeries`.
+        max_voxels: the most voxels of the volume (``--max-voxels``), checked against ``Rows`` ×
+            ``Columns`` × the number of files or frames before any pixel data is decoded.
 
     Raises:
-        RejectedInput: unreadable or truncated files, no geometry, a single 2D slice, duplicated positions,
-            a missing slice or uneven spacing, mixed orientations or sizes, 4D content, non-finite values.
+        RejectedInput: unreadable or truncated files, malformed headers, too many voxels, no geometry, a
+            single 2D slice, duplicated positions, a missing slice or uneven spacing, mixed orientations or
+            sizes, 4D content, non-finite values.
     """
     paths = list(paths)
-    first = _dcmread(paths[0], pixels=True)
+    first = _dcmread(paths[0], pixels=True, max_voxels=max_voxels)
+    name = paths[0].name
+    rows, cols = _int(first, "Rows", 0, name), _int(first, "Columns", 0, name)
+    depth = len(paths) if len(paths) > 1 else _int(first, "NumberOfFrames", 1, name)
+    check_voxels((cols, rows, depth), max_voxels, f"the headers ({name}) declare")
     modality = str(first.get("Modality", "") or "").upper()
     header: dict[str, Any] = {"reader": "pydicom", "dicom_modality": modality, "files": len(paths)}
     image_type = [str(v).upper() for v in (first.get("ImageType") or [])]
@@ -428,12 +524,12 @@ def load_dicom(paths: Sequence[Path]) -> RawVolume:
         stored_dtype = array.dtype
         header["dicom_layout"] = "mosaic"
     else:
-        if len(paths) == 1 and int(first.get("NumberOfFrames", 1) or 1) > 1:
+        if len(paths) == 1 and _int(first, "NumberOfFrames", 1, name) > 1:
             slices = _slices_from_multiframe(first, paths[0].name)
             header["dicom_layout"] = "multi-frame"
         else:
             del first  # read again below with the others; keeps at most one copy of each slice
-            slices = [_slice_from_file(p) for p in paths]
+            slices = [_slice_from_file(p, len(paths), max_voxels) for p in paths]
             header["dicom_layout"] = "series"
         array, lps, stored_dtype = _assemble(slices)
         del slices

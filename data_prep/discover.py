@@ -16,7 +16,7 @@ from pathlib import Path
 
 from data_prep.dicom import DicomHeader, group_series, is_dicom, read_header, series_tag
 from data_prep.pool import Pool
-from data_prep.readers import RejectedInput, volume_suffix
+from data_prep.readers import DEFAULT_MAX_VOXELS, RejectedInput, volume_suffix
 
 __all__ = [
     "HEADER_BATCH",
@@ -137,6 +137,7 @@ def find_inputs(
     split_gaps: bool = False,
     pool: Pool | None = None,
     files: Sequence[InputFile] | None = None,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
 ) -> Discovery:
     """Files given directly and files found recursively under folders, minus ``exclude``, as volumes.
 
@@ -145,7 +146,8 @@ def find_inputs(
     root); a file whose header says it is no image (RTSTRUCT, SR, no pixel data) or that cannot be parsed is
     rejected here. Other files under a folder are listed as ignored. With a parallel ``pool`` the headers
     are read by its workers, in batches. ``files``: the :func:`list_files` of the same arguments, when the
-    caller has it already.
+    caller has it already. ``max_voxels``: ``--max-voxels``, which bounds what a deflated DICOM file may
+    inflate to (:func:`data_prep.dicom.deflated_limit`).
 
     Raises:
         FileNotFoundError: an input does not exist, or no volume or DICOM file is found at all.
@@ -168,7 +170,7 @@ def find_inputs(
             ignored.append(
                 Rejected(-1, f.source, str(f.path), "ignored: not a NIfTI, NRRD, MetaImage or DICOM file")
             )
-    for f, header in zip(dicom, read_headers([f.path for f in dicom], pool), strict=True):
+    for f, header in zip(dicom, read_headers([f.path for f in dicom], pool, max_voxels), strict=True):
         if isinstance(header, str):
             rejects.append(Rejected(-1, f.source, str(f.path), header))
         else:
@@ -191,24 +193,29 @@ def find_inputs(
 HEADER_BATCH = 64
 
 
-def _header_batch(paths: Sequence[Path]) -> list[DicomHeader | str]:
-    """Headers of ``paths`` (runs in workers); a file that is rejected gives its reason instead."""
+def _header_batch(paths: Sequence[Path], max_voxels: int = DEFAULT_MAX_VOXELS) -> list[DicomHeader | str]:
+    """Headers of ``paths`` (runs in workers); a file that is rejected, or whose header cannot be read for
+    any reason, gives its reason instead."""
     out: list[DicomHeader | str] = []
     for path in paths:
         try:
-            out.append(read_header(path))
+            out.append(read_header(path, max_voxels))
         except RejectedInput as e:
             out.append(str(e))
+        except Exception as e:  # one hostile file must cost only itself, never the job (or the batch)
+            out.append(f"unreadable DICOM header: {type(e).__name__}: {str(e).strip()[:200]}")
     return out
 
 
-def read_headers(paths: Sequence[Path], pool: Pool | None) -> list[DicomHeader | str]:
+def read_headers(
+    paths: Sequence[Path], pool: Pool | None, max_voxels: int = DEFAULT_MAX_VOXELS
+) -> list[DicomHeader | str]:
     """The DICOM header of every path, in order, or the reason the file is rejected from its header alone.
 
     The pool's workers read them, :data:`HEADER_BATCH` files per task, when the pool has workers and there
     is more than one batch; else this process does.
     """
     if pool is None or not pool.parallel or len(paths) <= HEADER_BATCH:
-        return _header_batch(paths)
-    batches = [(paths[i : i + HEADER_BATCH],) for i in range(0, len(paths), HEADER_BATCH)]
+        return _header_batch(paths, max_voxels)
+    batches = [(paths[i : i + HEADER_BATCH], max_voxels) for i in range(0, len(paths), HEADER_BATCH)]
     return [h for batch in pool.map(_header_batch, batches) for h in batch]

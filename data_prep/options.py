@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from data_prep.readers import DEFAULT_MAX_VOXELS
 from pcrl.shards import SPLITS
 
 __all__ = ["ShardOptions", "parse_splits"]
@@ -66,8 +67,10 @@ class ShardOptions:
     """The CLI exits 3 when more than this fraction of the inputs is rejected."""
     min_size: tuple[int, int, int] = (64, 64, 32)
     """Smallest accepted (x, y, z) shape after resampling."""
-    max_voxels: int = 1024**3
-    """Largest accepted volume after resampling (keeps one volume's memory bounded)."""
+    max_voxels: int = DEFAULT_MAX_VOXELS
+    """Most voxels of one volume, checked from its header before the voxels are read (or a ``.nii.gz``
+    inflated) and again after resampling: bounds the memory of each worker (at least 6 bytes per voxel for
+    int16 input: the array read and its float32 copy)."""
     exclude: tuple[str, ...] = ()
     """Glob patterns (matched against the file name and the path relative to its input root) to skip."""
     salt: str = "pcrl"
@@ -103,6 +106,8 @@ class ShardOptions:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
         if not 0.0 <= self.max_reject_fraction <= 1.0:
             raise ValueError(f"max_reject_fraction must be in [0, 1], got {self.max_reject_fraction}")
+        if not isinstance(self.max_voxels, int) or self.max_voxels < 1:
+            raise ValueError(f"max_voxels must be a positive voxel count, got {self.max_voxels!r}")
         if len(self.min_size) != 3 or min(self.min_size) < 1:
             raise ValueError(f"min_size must be three positive voxel counts, got {list(self.min_size)}")
         if self.series_gaps not in ("reject", "split"):

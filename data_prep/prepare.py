@@ -26,7 +26,7 @@ from data_prep.crop import body_box
 from data_prep.dicom import is_dicom, load_dicom
 from data_prep.discover import InputSeries, Item, Rejected
 from data_prep.options import ShardOptions
-from data_prep.readers import RawVolume, RejectedInput, load_volume, volume_suffix
+from data_prep.readers import RawVolume, RejectedInput, check_voxels, load_volume, volume_suffix
 from data_prep.zarr_writer import encode_array
 from pcrl.shards import CT_HU_RANGE, encode_volume
 
@@ -215,7 +215,13 @@ def prepare_volume(index: int, item: Item, options: ShardOptions) -> Prepared | 
     except RejectedInput as e:
         return Rejected(index, item.source, str(item.path), str(e))
     except MemoryError:
-        return Rejected(index, item.source, str(item.path), "out of memory while preparing the volume")
+        return Rejected(
+            index, item.source, str(item.path),
+            f"out of memory while preparing the volume (lower --max-voxels, now {options.max_voxels}, to "
+            "reject such volumes from their headers, or use fewer --workers)",
+        )  # fmt: skip
+    except OSError as e:  # vanished, unreadable (permissions, I/O error) while reading
+        return Rejected(index, item.source, str(item.path), f"unreadable: {type(e).__name__}: {e}")
     except Exception as e:  # a reader bug must not stop a 10^5-volume job; it is reported, not hidden
         logger.exception("unexpected error on %s", item.path)
         return Rejected(index, item.source, str(item.path), f"unexpected error: {type(e).__name__}: {e}")
@@ -223,10 +229,10 @@ def prepare_volume(index: int, item: Item, options: ShardOptions) -> Prepared | 
 
 def _load(item: Item, options: ShardOptions) -> RawVolume:
     if isinstance(item, InputSeries):
-        return load_dicom(item.paths)
+        return load_dicom(item.paths, max_voxels=options.max_voxels)
     if volume_suffix(item.path) is None and is_dicom(item.path):
-        return load_dicom([item.path])
-    return load_volume(item.path, take_volume=options.take_volume)
+        return load_dicom([item.path], max_voxels=options.max_voxels)
+    return load_volume(item.path, take_volume=options.take_volume, max_voxels=options.max_voxels)
 
 
 def _prepare(index: int, item: Item, options: ShardOptions) -> Prepared:
@@ -235,10 +241,7 @@ def _prepare(index: int, item: Item, options: ShardOptions) -> Prepared:
     source_spacing = [round(s, 6) for s in raw.spacing]
     modality, modality_source = detect_modality(raw, options.modality)
     out_shape = output_shape(source_shape, raw.spacing, options.spacing)
-    if int(np.prod(out_shape, dtype=np.int64)) > options.max_voxels:
-        raise RejectedInput(
-            f"too large after resampling: shape {out_shape} has more than {options.max_voxels} voxels"
-        )
+    check_voxels(out_shape, options.max_voxels, f"after resampling to {list(options.spacing)} mm,")
     if any(n < m for n, m in zip(out_shape, options.min_size, strict=True)):
         raise RejectedInput(
             f"too small after resampling to {list(options.spacing)} mm: shape {out_shape} < minimum "

@@ -5,7 +5,7 @@ Usage::
 
     python -m data_prep.shard --input RAW [RAW ...] --output SHARDS [--spacing 1 1 1] [--modality auto]
         [--shard-size-mb 256] [--split train=0.9,val=0.1] [--workers N | --ray ADDRESS] [--crop-body]
-        [--format webdataset|zarr] [--exclude GLOB ...]
+        [--format webdataset|zarr] [--exclude GLOB ...] [--max-voxels N]
 
 Each input file goes through: read (:mod:`data_prep.readers`) → canonical RAS+ → linear resampling to the
 target spacing → intensity policy (CT: int16 HU clipped to [-1024, 3071]; MR: float16, percentiles
@@ -52,6 +52,7 @@ from data_prep.options import ShardOptions, parse_splits
 from data_prep.pool import Pool, PoolError
 from data_prep.prepare import Prepared, prepare_volume
 from data_prep.qa import QA_NAME, write_qa_sheet
+from data_prep.readers import DEFAULT_MAX_VOXELS
 from data_prep.writer import (
     JOURNAL_NAME,
     REJECTS_NAME,
@@ -164,7 +165,7 @@ def _start(inputs: Sequence[Path], output: Path, opts: ShardOptions, pool: Pool)
     job = fingerprint([f.path for f in files], opts)
     if not opts.overwrite and (done := completed_summary(output, job)) is not None:
         return _Job(inputs, output, opts, Discovery([], [], []), Resume(done=done), job)
-    found = find_inputs(inputs, opts.exclude, opts.series_gaps == "split", pool, files)
+    found = find_inputs(inputs, opts.exclude, opts.series_gaps == "split", pool, files, opts.max_voxels)
     resume = prepare_output(output, opts.overwrite, job)
     return _Job(inputs, output, opts, found, resume, job)
 
@@ -340,6 +341,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="exit with code 3 when more inputs than this are rejected (default: 0.5)")  # fmt: skip
     p.add_argument("--min-size", nargs=3, type=int, default=[64, 64, 32], metavar=("X", "Y", "Z"),
                    help="smallest accepted shape after resampling (default: 64 64 32)")  # fmt: skip
+    p.add_argument("--max-voxels", type=int, default=DEFAULT_MAX_VOXELS, metavar="N",
+                   help="reject a volume of more than N voxels, checked from its header before its voxels are "
+                        f"read, and after resampling (default: {DEFAULT_MAX_VOXELS} = 1024^3; memory per worker "
+                        "is at least 6 bytes per voxel)")  # fmt: skip
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                    help="skip files whose name or relative path matches (repeatable), e.g. '*_label*'")  # fmt: skip
     p.add_argument("--series-gaps", default="reject", choices=["reject", "split"],
@@ -368,6 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "crop_body": args.crop_body,
             "max_reject_fraction": args.max_reject_fraction,
             "min_size": tuple(args.min_size),
+            "max_voxels": args.max_voxels,
             "exclude": tuple(args.exclude),
             "salt": args.salt,
             "series_gaps": args.series_gaps,
