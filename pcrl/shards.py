@@ -543,7 +543,7 @@ def read_volume(record: SampleRecord, verify: bool = False) -> tuple[np.ndarray,
 
     Args:
         record: the manifest record.
-        verify: also check the sha256 of the compressed bytes (measured: +10–35 % per read, ~1 GB/s).
+        verify: also check the sha256 of the compressed bytes (a cost per read: docs/benchmarks.md).
 
     Returns:
         The (X, Y, Z) array in its stored dtype (int16 HU for CT, float16 in [0, 1] for MR) and the
