@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (``--help`` lists it)."""
     parser = argparse.ArgumentParser(
         description="Estimate storage, ingest time, GPU-hours and checkpoint sizes of a pretraining run. "
         "Overrides are key.sub=value pairs after the options, as for launch/pretrain.py.",
@@ -240,7 +241,15 @@ def table(plan: dict[str, Any]) -> str:
     rows = [
         ("data", f"{d['origin']}: {vols}"),
         ("shard storage", f"{_bytes(plan['storage_bytes']['total'])}"),
-        ("ingest", f"{_hours(plan['ingest_core_hours'])} core-hours (data_prep.shard)"),
+        (
+            "ingest",
+            f"{_hours(plan['ingest_core_hours'])} core-hours (data_prep.shard"
+            + (
+                "; already done for --shards)"
+                if d["files_found"] is None and not d.get("scaled_from")
+                else ")"
+            ),
+        ),
         ("training", f"{plan['train_samples']:,} samples ({plan['samples_per_step']} per step)"),
         (
             "throughput",
@@ -288,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
             data = summarize_inputs(args.inputs, args.sample, args.modality, args.spacing)
     except (PlanError, FileNotFoundError, ValueError) as e:
         return _error(str(e))
+    except ModuleNotFoundError as e:
+        return _error(f"--inputs needs the data_prep readers ({e.name} is missing): pip install -e '.[prep]'")
     if args.volumes is not None:
         if args.volumes < 1:
             return _error(f"--volumes: must be at least 1, got {args.volumes}")
@@ -299,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
             extra["ingest"], extra["compression"] = calibrate_ingest()
         except PlanError as e:
             return _error(str(e))
+        except ModuleNotFoundError as e:
+            return _error(
+                f"--calibrate needs data_prep's readers ({e.name} is missing): pip install -e '.[prep]'"
+            )
         except RuntimeError as e:
             print(f"plan: calibration failed: {e}", file=sys.stderr)
             return exit_status.FAILED

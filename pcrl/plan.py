@@ -79,7 +79,9 @@ COMPRESSION: dict[str, Rate] = {
 # CPU time of data_prep.shard per million output voxels (read, reorient, resample to 1 mm, intensity policy,
 # compress, write), one worker.
 INGEST_CORE_S_PER_MVOX = Rate(
-    0.073, "core-seconds per output Mvoxel", "2026-12-04",
+    0.073,
+    "core-seconds per output Mvoxel",
+    "2026-12-04",
     "data_prep.shard of the pyradiomics brain1 (MR) and lung1 (CT) with one worker, cpu-avx512 "
     "(launch/plan.py --calibrate)",
 )
@@ -225,7 +227,8 @@ def summarize_headers(
     """
     if not shapes:
         raise PlanError(f"{origin}: none of the {unreadable} sampled files has a readable volume header")
-    scale = files_found * len(shapes) / (len(shapes) + unreadable) / len(shapes)
+    # Each sampled file stands for files_found / sampled files; unreadable ones for files data_prep rejects.
+    scale = files_found / (len(shapes) + unreadable)
     volumes: dict[str, float] = {}
     voxels: dict[str, float] = {}
     for shape, modality in shapes:
@@ -287,11 +290,17 @@ def training_rate(cfg: PretrainConfig, device: Device) -> tuple[float, list[dict
 
         measured_cfg = replace(
             cfg,
-            model=replace(cfg.model, base_channels=device.measured_size["model.base_channels"],
-                          depth=device.measured_size["model.depth"]),
-            views=replace(cfg.views, global_size=device.measured_size["views.global_size"],
-                          local_size=device.measured_size["views.local_size"],
-                          num_locals=device.measured_size["views.num_locals"]),
+            model=replace(
+                cfg.model,
+                base_channels=device.measured_size["model.base_channels"],
+                depth=device.measured_size["model.depth"],
+            ),
+            views=replace(
+                cfg.views,
+                global_size=device.measured_size["views.global_size"],
+                local_size=device.measured_size["views.local_size"],
+                num_locals=device.measured_size["views.num_locals"],
+            ),
         )
         ratio = flops_per_sample(measured_cfg) / flops_per_sample(cfg)
         rate *= ratio
