@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -71,7 +72,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the estimate as one JSON object")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=100")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.inputs:
+        # --inputs takes several paths, so overrides written right after it land there: give them back.
+        moved = [p for p in args.inputs if re.match(r"[A-Za-z_][\w.]*=", str(p)) and not p.exists()]
+        args.inputs = [p for p in args.inputs if p not in moved]
+        args.overrides = [str(p) for p in moved] + args.overrides
+        if not args.inputs:
+            parser.error("--inputs: no path given (only key.sub=value overrides)")
+    return args
 
 
 def _error(message: str) -> int:

@@ -114,10 +114,11 @@ def test_inputs_headers_extrapolate_and_json_keys(
     assert any("compression, mr" in a["what"] for a in small["assumptions"])
 
     status, out, _ = run(
-        plan_cli, capsys, "--inputs", str(tmp_path / "x2"), "--modality", "mr", "--volumes", "100000",
-        "--config", str(BASE), "--gpus", "8", "--device", "h100",
+        plan_cli, capsys, "--modality", "mr", "--volumes", "100000", "--config", str(BASE), "--gpus", "8",
+        "--device", "h100", "--inputs", str(tmp_path / "x2"), "train.max_steps=1000",
     )  # fmt: skip
     assert status == 0
+    assert "64,000 samples" in out  # the override after --inputs reached the config: 1000 steps x 64
     assert "100,000 MR" in out and "assumptions:" in out and "GPU-hours" in out
 
 
