@@ -163,7 +163,7 @@ def test_refusals_name_the_problem(
     assert "Traceback" not in err
 
 
-def test_refuses_an_empty_folder_and_dicom(
+def test_refuses_empty_unreadable_dicom_and_missing_inputs(
     plan_cli: ModuleType, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     empty = tmp_path / "empty"
@@ -183,6 +183,15 @@ def test_refuses_an_empty_folder_and_dicom(
     )
     assert status == 2 and out == ""
     assert "no sampled header could be read" in err and "broken.nrrd" in err
+
+    dicom = tmp_path / "dicom"
+    dicom.mkdir()
+    (dicom / "IM0001").write_bytes(b"\0" * 128 + b"DICM")  # the DICOM magic: a series, not a volume file
+    status, out, err = run(
+        plan_cli, capsys, "--inputs", str(dicom), "--config", str(BASE), "--gpus", "1", "--device", "h100"
+    )
+    assert status == 2 and out == ""
+    assert "1 DICOM files" in err and "--shards" in err
 
     status, _, err = run(
         plan_cli, capsys, "--inputs", str(tmp_path / "missing"), "--config", str(BASE), "--gpus", "1",
