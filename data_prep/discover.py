@@ -16,6 +16,7 @@ from pathlib import Path
 
 from data_prep.dicom import DicomHeader, group_series, is_dicom, read_header, series_tag
 from data_prep.pool import Pool
+from data_prep.provenance import SOURCE_FILE
 from data_prep.readers import DEFAULT_MAX_VOXELS, RejectedInput, volume_suffix
 
 __all__ = [
@@ -108,6 +109,9 @@ class Discovery:
 def list_files(inputs: Sequence[Path], exclude: Sequence[str] = ()) -> list[InputFile]:
     """Every file given directly or found recursively under a folder, minus ``exclude``, sorted by path.
 
+    ``SOURCE.json`` files are no inputs: they declare the provenance of the volumes beside and below them
+    (:mod:`data_prep.provenance`).
+
     Raises:
         FileNotFoundError: an input does not exist.
     """
@@ -128,7 +132,10 @@ def list_files(inputs: Sequence[Path], exclude: Sequence[str] = ()) -> list[Inpu
     def excluded(item: InputFile) -> bool:
         return any(fnmatch.fnmatch(item.path.name, g) or fnmatch.fnmatch(item.source, g) for g in exclude)
 
-    return sorted((i for i in found.values() if not excluded(i)), key=lambda i: str(i.path))
+    return sorted(
+        (i for i in found.values() if i.path.name != SOURCE_FILE and not excluded(i)),
+        key=lambda i: str(i.path),
+    )
 
 
 def find_inputs(

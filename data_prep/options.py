@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from data_prep.readers import DEFAULT_MAX_VOXELS
-from pcrl.shards import SPLITS
+from pcrl.shards import SPLITS, provenance_text
 
 __all__ = ["ShardOptions", "parse_splits"]
 
@@ -82,6 +82,14 @@ class ShardOptions:
     spaced runs (each its own volume)."""
     take_volume: int | None = None
     """For 4D NIfTI/NRRD/MetaImage inputs, keep this volume (0-based) of the 4th axis; ``None`` rejects them."""
+    data_source: str | None = None
+    """The data set every input comes from (``--source``), recorded as ``data_source`` on each manifest line;
+    overrides the ``source`` of any ``SOURCE.json`` (:mod:`data_prep.provenance`). ``None``: from
+    ``SOURCE.json``, else ``unknown``."""
+    license: str | None = None
+    """The licence id of every input (``--license``, e.g. ``CC-BY-4.0``), recorded as ``license`` on each
+    manifest line; overrides the ``license`` of any ``SOURCE.json``. ``None``: from ``SOURCE.json``, else
+    ``unknown``."""
     overwrite: bool = False
     """Replace an existing shard set in the output folder."""
     progress: bool = True
@@ -116,5 +124,9 @@ class ShardOptions:
             raise ValueError(f"take_volume must be >= 0, got {self.take_volume}")
         if self.format not in ("webdataset", "zarr"):
             raise ValueError(f"format must be webdataset or zarr, got {self.format!r}")
+        if self.data_source is not None:
+            provenance_text(self.data_source, "--source")
+        if self.license is not None:
+            provenance_text(self.license, "--license")
         if self.ray is not None and not self.ray.strip():
             raise ValueError("--ray needs an address: local, auto, host:port or ray://host:port")

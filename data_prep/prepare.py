@@ -26,9 +26,10 @@ from data_prep.crop import body_box
 from data_prep.dicom import is_dicom, load_dicom
 from data_prep.discover import InputSeries, Item, Rejected
 from data_prep.options import ShardOptions
+from data_prep.provenance import Provenance
 from data_prep.readers import RawVolume, RejectedInput, check_voxels, load_volume, volume_suffix
 from data_prep.zarr_writer import encode_array
-from pcrl.shards import CT_HU_RANGE, encode_volume
+from pcrl.shards import CT_HU_RANGE, PROVENANCE_KEYS, encode_volume
 
 __all__ = [
     "CT_MIN_HU",
@@ -208,10 +209,16 @@ class Prepared:
     """Zarr: path inside the array folder → bytes (``zarr.json`` and compressed chunks)."""
 
 
-def prepare_volume(index: int, item: Item, options: ShardOptions) -> Prepared | Rejected:
-    """Read, reorient, resample and encode one input; never raises for a bad input (returns Rejected)."""
+def prepare_volume(
+    index: int, item: Item, options: ShardOptions, provenance: Provenance | None = None
+) -> Prepared | Rejected:
+    """Read, reorient, resample and encode one input; never raises for a bad input (returns Rejected).
+
+    ``provenance`` (:func:`data_prep.provenance.item_provenance`; ``None``: unknown) goes into the sample's
+    metadata and its manifest facts as ``data_source`` and ``license``.
+    """
     try:
-        return _prepare(index, item, options)
+        return _prepare(index, item, options, provenance or Provenance())
     except RejectedInput as e:
         return Rejected(index, item.source, str(item.path), str(e))
     except MemoryError:
@@ -235,7 +242,7 @@ def _load(item: Item, options: ShardOptions) -> RawVolume:
     return load_volume(item.path, take_volume=options.take_volume, max_voxels=options.max_voxels)
 
 
-def _prepare(index: int, item: Item, options: ShardOptions) -> Prepared:
+def _prepare(index: int, item: Item, options: ShardOptions, provenance: Provenance) -> Prepared:
     raw = _load(item, options)
     source_shape = [int(n) for n in raw.array.shape]
     source_spacing = [round(s, 6) for s in raw.spacing]
@@ -276,6 +283,8 @@ def _prepare(index: int, item: Item, options: ShardOptions) -> Prepared:
         "format_version": FORMAT_VERSION,
         "key": key,
         "source": item.source,
+        "data_source": provenance.data_source,
+        "license": provenance.license,
         "modality": modality,
         "modality_source": modality_source,
         "dtype": str(stored.dtype),
@@ -297,9 +306,8 @@ def _prepare(index: int, item: Item, options: ShardOptions) -> Prepared:
         meta["volume_index"] = raw.header["volume_index"]
     if crop is not None:
         meta["crop"] = crop
-    info = {
-        k: meta[k] for k in ("key", "shape", "spacing", "modality", "dtype", "split", "source", "patient")
-    }
+    facts = ("key", "shape", "spacing", "modality", "dtype", "split", "source", "patient", *PROVENANCE_KEYS)
+    info = {k: meta[k] for k in facts}
     info["files"] = len(item.paths) if isinstance(item, InputSeries) else 1
     info["checksum"] = "sha256:" + checksum
     files = encode_array(stored, meta) if options.format == "zarr" else None

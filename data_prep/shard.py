@@ -5,13 +5,15 @@ Usage::
 
     python -m data_prep.shard --input RAW [RAW ...] --output SHARDS [--spacing 1 1 1] [--modality auto]
         [--shard-size-mb 256] [--split train=0.9,val=0.1] [--workers N | --ray ADDRESS] [--crop-body]
-        [--format webdataset|zarr] [--exclude GLOB ...] [--max-voxels N]
+        [--format webdataset|zarr] [--exclude GLOB ...] [--max-voxels N] [--source NAME] [--license ID]
 
 Each input file goes through: read (:mod:`data_prep.readers`) → canonical RAS+ → linear resampling to the
 target spacing → intensity policy (CT: int16 HU clipped to [-1024, 3071]; MR: float16, percentiles
 0.5/99.5 → [0, 1]) → optional body crop (:mod:`data_prep.crop`) → one sample ``<key>.image.npy.zst`` +
 ``<key>.meta.json`` (or one Zarr array). Every input ends as exactly one ``manifest.jsonl`` line or one
-``rejects.jsonl`` line with the reason. ``qa.png`` (:mod:`data_prep.qa`) shows a sample of the accepted
+``rejects.jsonl`` line with the reason. Every volume records where it came from and its licence
+(``data_source``, ``license``: ``--source`` / ``--license``, else the nearest ``SOURCE.json``, else
+``unknown``; see :mod:`data_prep.provenance`), and ``summary.json`` totals them. ``qa.png`` (:mod:`data_prep.qa`) shows a sample of the accepted
 volumes for a check by eye.
 
 Volumes and DICOM headers are prepared by :class:`data_prep.pool.Pool`: this process, local worker
@@ -51,6 +53,7 @@ from data_prep.discover import Discovery, InputSeries, Item, Rejected, find_inpu
 from data_prep.options import ShardOptions, parse_splits
 from data_prep.pool import Pool, PoolError
 from data_prep.prepare import Prepared, prepare_volume
+from data_prep.provenance import Provenance, find_source_files, item_provenance
 from data_prep.qa import QA_NAME, write_qa_sheet
 from data_prep.readers import DEFAULT_MAX_VOXELS
 from data_prep.writer import (
@@ -67,7 +70,15 @@ from data_prep.writer import (
 from data_prep.zarr_writer import ZarrWriter
 from pcrl import exit_status
 from pcrl.io import write_atomic
-from pcrl.shards import IMAGE_SUFFIX, MANIFEST_KEYS, MANIFEST_NAME, META_SUFFIX
+from pcrl.shards import (
+    IMAGE_SUFFIX,
+    MANIFEST_KEYS,
+    MANIFEST_NAME,
+    META_SUFFIX,
+    PROVENANCE_KEYS,
+    UNKNOWN,
+    provenance_totals,
+)
 
 __all__ = ["ShardOptions", "Summary", "fingerprint", "main", "shard_volumes"]
 
@@ -77,11 +88,21 @@ logger = logging.getLogger(__name__)
 _RUN_ONLY_OPTIONS = ("workers", "ray", "progress", "overwrite", "max_reject_fraction")
 
 
-def fingerprint(paths: Sequence[Path], opts: ShardOptions) -> str:
+def fingerprint(
+    paths: Sequence[Path], opts: ShardOptions, sources: Mapping[Path, Mapping[str, str]] | None = None
+) -> str:
     """Identify a job by its input files (path, size, mtime: every file :func:`~data_prep.discover.list_files`
-    finds, the same set a :class:`~data_prep.discover.Discovery` accounts for) and output-relevant options."""
+    finds, the same set a :class:`~data_prep.discover.Discovery` accounts for), output-relevant options and
+    the provenance declared in ``SOURCE.json`` files (``sources``: folder → declarations, from
+    :func:`~data_prep.provenance.find_source_files`)."""
     h = hashlib.sha256()
     options = {k: v for k, v in dataclasses.asdict(opts).items() if k not in _RUN_ONLY_OPTIONS}
+    # Added later: jobs that set none of them keep the fingerprint they had.
+    for name in ("data_source", "license"):
+        if options[name] is None:
+            del options[name]
+    if sources:
+        options["source_files"] = {str(folder): dict(d) for folder, d in sources.items()}
     # 4 and 4.0 MB are the same job (the CLI gives floats, Python callers often ints).
     options["shard_size_mb"] = float(opts.shard_size_mb)
     options["spacing"] = [float(s) for s in opts.spacing]
@@ -108,16 +129,16 @@ def _versions() -> dict[str, str]:
 
 
 def _results(
-    items: Sequence[Item], options: ShardOptions, pool: Pool, start: int = 0
+    items: Sequence[Item], options: ShardOptions, pool: Pool, provenance: Sequence[Provenance], start: int = 0
 ) -> Iterator[Prepared | Rejected]:
     """Prepared volumes ``start, start + 1, ...`` in input order, from the pool's workers (at most twice as
     many volumes in flight as workers: memory stays bounded by a few volumes, not by the dataset)."""
 
     def died(args: tuple[Any, ...], reason: str) -> Rejected:
-        index, item, _ = args
+        index, item = args[:2]
         return Rejected(index, item.source, str(item.path), reason)
 
-    tasks = ((i, items[i], options) for i in range(start, len(items)))
+    tasks = ((i, items[i], options, provenance[i]) for i in range(start, len(items)))
     yield from pool.map(prepare_volume, tasks, failed=died)
 
 
@@ -153,6 +174,8 @@ class _Job:
     resume: Resume
     fingerprint: str
     """Of the input files and options (:func:`fingerprint`): the resume check's and ``summary.json``'s."""
+    sources: Mapping[Path, Mapping[str, str]]
+    """The ``SOURCE.json`` declarations that apply to the inputs (folder → declarations)."""
 
 
 def _start(inputs: Sequence[Path], output: Path, opts: ShardOptions, pool: Pool) -> _Job:
@@ -162,12 +185,13 @@ def _start(inputs: Sequence[Path], output: Path, opts: ShardOptions, pool: Pool)
     before any DICOM header is read (a no-op re-run of millions of DICOM files reads none of them).
     """
     files = list_files(inputs, opts.exclude)
-    job = fingerprint([f.path for f in files], opts)
+    sources = find_source_files(files)  # a malformed SOURCE.json stops the job here, before any work
+    job = fingerprint([f.path for f in files], opts, sources)
     if not opts.overwrite and (done := completed_summary(output, job)) is not None:
-        return _Job(inputs, output, opts, Discovery([], [], []), Resume(done=done), job)
+        return _Job(inputs, output, opts, Discovery([], [], []), Resume(done=done), job, sources)
     found = find_inputs(inputs, opts.exclude, opts.series_gaps == "split", pool, files, opts.max_voxels)
     resume = prepare_output(output, opts.overwrite, job)
-    return _Job(inputs, output, opts, found, resume, job)
+    return _Job(inputs, output, opts, found, resume, job, sources)
 
 
 def _reject_line(r: Rejected, files: int = 1, **extra: Any) -> str:
@@ -184,6 +208,7 @@ def _add_to_zarr(store: ZarrWriter, result: Prepared) -> dict[str, Any]:
         "key": result.key, "shard": name, "offset": 0, "size": size, "meta_offset": 0, "meta_size": 0,
         "shape": info["shape"], "spacing": info["spacing"], "modality": info["modality"], "dtype": info["dtype"],
         "split": info["split"], "checksum": info["checksum"], "source": info["source"],
+        "data_source": info["data_source"], "license": info["license"],
         "patient": info["patient"], "files": info["files"], "format": "zarr",
     }  # fmt: skip
     assert set(MANIFEST_KEYS) <= set(line)
@@ -218,8 +243,14 @@ def _run(job: _Job, pool: Pool) -> Summary:
         resumed=resume.next_index,
     )
     items = found.items
+    provenance = [item_provenance(item, job.sources, opts) for item in items]
     # Entries of the interrupted run: the same lines an uninterrupted run would have produced for them.
-    manifest: list[str] = [json.dumps(e["manifest"]) for e in resume.entries if e.get("manifest")]
+    manifest: list[str] = [
+        # A journal of a version that recorded no provenance: its volumes are of unknown provenance.
+        json.dumps({**e["manifest"], **{k: e["manifest"].get(k, UNKNOWN) for k in PROVENANCE_KEYS}})
+        for e in resume.entries
+        if e.get("manifest")
+    ]
     rejects: list[str] = [json.dumps(e["reject"]) for e in resume.entries if e.get("reject")]
     seen: dict[str, str] = {
         e["manifest"]["key"]: e["manifest"]["source"] for e in resume.entries if e.get("manifest")
@@ -231,7 +262,7 @@ def _run(job: _Job, pool: Pool) -> Summary:
     bar = tqdm(total=len(items), initial=resume.next_index, unit="vol", desc=f"sharding ({pool.backend})",
                disable=not opts.progress, file=sys.stderr, smoothing=0.1)  # fmt: skip
     try:
-        for result in _results(items, opts, pool, start=resume.next_index):
+        for result in _results(items, opts, pool, provenance, start=resume.next_index):
             bar.update(1)
             if isinstance(result, Prepared) and result.key in seen:
                 result = Rejected(
@@ -270,6 +301,8 @@ def _run(job: _Job, pool: Pool) -> Summary:
                 "split": info["split"],
                 "checksum": info["checksum"],
                 "source": info["source"],
+                "data_source": info["data_source"],
+                "license": info["license"],
                 "patient": info["patient"],
                 "files": info["files"],
             }
@@ -283,11 +316,16 @@ def _run(job: _Job, pool: Pool) -> Summary:
     finally:
         bar.close()
         journal.close()
+    declared = []
     for text in manifest:
         m = json.loads(text)
         summary.accepted += 1
         summary.per_split[m["split"]] = summary.per_split.get(m["split"], 0) + 1
         summary.per_modality[m["modality"]] = summary.per_modality.get(m["modality"], 0) + 1
+        declared.append((m["data_source"], m["license"], m["modality"]))
+    totals = provenance_totals(declared)
+    summary.per_source, summary.per_license = totals["per_source"], totals["per_license"]
+    summary.sources = totals["sources"]
     summary.shards = len(writer.shards)
     summary.total_bytes = sum((output / s).stat().st_size for s in writer.shards)
     if store is not None:
@@ -353,6 +391,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--take-volume", type=int, default=None, metavar="T",
                    help="keep volume T (0-based) of 4D NIfTI/NRRD/MetaImage inputs instead of rejecting them")  # fmt: skip
     p.add_argument("--salt", default="pcrl", help="salt of the patient-id hash")
+    p.add_argument("--source", default=None, metavar="NAME",
+                   help="the data set every input comes from, recorded per volume as data_source (default: "
+                        "the nearest SOURCE.json's \"source\", else unknown)")  # fmt: skip
+    p.add_argument("--license", default=None, metavar="ID",
+                   help="the licence id of every input, e.g. CC-BY-4.0, recorded per volume (default: the "
+                        "nearest SOURCE.json's \"license\", else unknown)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace a shard set already in --output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -376,6 +420,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "max_voxels": args.max_voxels,
             "exclude": tuple(args.exclude),
             "salt": args.salt,
+            "data_source": args.source,
+            "license": args.license,
             "series_gaps": args.series_gaps,
             "take_volume": args.take_volume,
             "format": args.format,
@@ -405,6 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"({summary.total_bytes / 2**20:.1f} MiB) in {summary.seconds:.1f} s: splits {summary.per_split}, "
         f"modalities {summary.per_modality}, {summary.rejected} rejected → {args.output}"
     )
+    if summary.per_source:
+        print(f"provenance: sources {summary.per_source}, licences {summary.per_license}")
     if summary.too_many_rejects:
         print(
             f"error: rejected {summary.rejected} of {summary.inputs} inputs ({summary.reject_fraction:.0%}), more than "

@@ -216,12 +216,12 @@ def prepare_output(output: Path, overwrite: bool, fingerprint: str = "") -> Resu
             existing = [p for p in existing if p.relative_to(output).as_posix() not in resume.shards]
         elif existing:
             raise FileExistsError(
-                f"{output} holds an interrupted job with other inputs or options ({JOURNAL_NAME}); pass --overwrite "
+                f"{output} holds an interrupted job with other inputs, options or provenance ({JOURNAL_NAME}); pass --overwrite "
                 "or choose an empty folder"
             )
     if existing and not overwrite and not same_job:
         raise FileExistsError(
-            f"{output} already holds a shard set of other inputs or options ({existing[0].name}, ...); pass "
+            f"{output} already holds a shard set of other inputs, options or provenance ({existing[0].name}, ...); pass "
             "--overwrite or choose an empty folder"
         )
     # Leftovers of an interrupted run (*.tmp, shards renamed after the journal's last line) and, with overwrite,
@@ -280,6 +280,13 @@ class Summary:
     rejected: int = 0
     per_split: dict[str, int] = field(default_factory=dict)
     per_modality: dict[str, int] = field(default_factory=dict)
+    per_source: dict[str, int] = field(default_factory=dict)
+    """Accepted volumes per data source (``unknown``: no ``--source`` and no ``SOURCE.json``)."""
+    per_license: dict[str, int] = field(default_factory=dict)
+    """Accepted volumes per licence id (``unknown``: no ``--license`` and no ``SOURCE.json``)."""
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    """One entry per (data source, licence) pair: ``data_source``, ``license``, ``volumes``, ``per_modality``
+    (:func:`pcrl.shards.provenance_totals`)."""
     shards: int = 0
     total_bytes: int = 0
     max_reject_fraction: float = 0.5

@@ -27,7 +27,7 @@ import math
 import os
 import re
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,13 +45,17 @@ __all__ = [
     "MAX_VOLUME_BYTES",
     "MAX_ZARR_CHUNKS",
     "META_SUFFIX",
+    "PROVENANCE_KEYS",
     "SPLITS",
+    "UNKNOWN",
     "ZSTD_LEVEL",
     "SampleRecord",
     "decode_volume",
     "encode_volume",
     "load_json",
     "middle_planes",
+    "provenance_text",
+    "provenance_totals",
     "read_manifest",
     "read_region",
     "read_volume",
@@ -86,6 +90,13 @@ MANIFEST_KEYS = (
     "source",
 )
 """Keys every manifest line has (extra keys are allowed and ignored by the loader)."""
+PROVENANCE_KEYS = ("data_source", "license")
+"""Where a volume came from and under which licence (``--source`` / ``--license`` or ``SOURCE.json`` of
+``data_prep.shard``). data_prep writes both on every line; a line without them (a manifest written before
+they existed) reads as :data:`UNKNOWN`."""
+UNKNOWN = "unknown"
+"""The provenance of a volume nobody declared: recorded as such, never dropped."""
+MAX_PROVENANCE_CHARS = 200
 SPLITS = ("train", "val", "test")
 MODALITIES = ("ct", "mr")
 FORMATS = ("webdataset", "zarr")
@@ -249,6 +260,65 @@ def decode_volume(data: bytes, shape: Sequence[int] | None = None, dtype: str | 
 # --- manifest ---------------------------------------------------------------------------------------
 
 
+def provenance_text(value: Any, what: str) -> str:
+    """Check one provenance value (a data source name or a licence id such as ``CC-BY-4.0``).
+
+    Args:
+        value: the value as given (a flag, a ``SOURCE.json`` key, a manifest field).
+        what: how to name it in the error (``--license``, ``SOURCE.json key "source"``, ...).
+
+    Returns:
+        ``value`` itself: a non-empty printable string of at most :data:`MAX_PROVENANCE_CHARS` characters,
+        without leading or trailing spaces.
+
+    Raises:
+        ValueError: naming ``what`` and what is wrong.
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{what} must be a non-empty string, got {_show(value)}")
+    if len(value) > MAX_PROVENANCE_CHARS or not value.isprintable() or value != value.strip():
+        raise ValueError(
+            f"{what} must be printable text of at most {MAX_PROVENANCE_CHARS} characters without leading or "
+            f"trailing spaces (a name such as 'LIDC-IDRI', a licence id such as 'CC-BY-4.0'), got {_show(value)}"
+        )
+    return value
+
+
+def provenance_totals(volumes: Iterable[tuple[str, str, str]]) -> dict[str, Any]:
+    """Count volumes by data source, licence and modality: the totals of ``summary.json`` and of a run's
+    ``data_provenance.json``.
+
+    Args:
+        volumes: one ``(data_source, license, modality)`` per volume.
+
+    Returns:
+        ``per_source`` (source → volumes), ``per_license`` (licence → volumes) and ``sources``: one entry per
+        (source, licence) pair, sorted, with its ``volumes`` and ``per_modality`` counts. Volumes of
+        :data:`UNKNOWN` provenance are counted under that name like any other.
+    """
+    per_source: dict[str, int] = {}
+    per_license: dict[str, int] = {}
+    pairs: dict[tuple[str, str], dict[str, int]] = {}
+    for source, licence, modality in volumes:
+        per_source[source] = per_source.get(source, 0) + 1
+        per_license[licence] = per_license.get(licence, 0) + 1
+        counts = pairs.setdefault((source, licence), {})
+        counts[modality] = counts.get(modality, 0) + 1
+    return {
+        "per_source": dict(sorted(per_source.items())),
+        "per_license": dict(sorted(per_license.items())),
+        "sources": [
+            {
+                "data_source": source,
+                "license": licence,
+                "volumes": sum(counts.values()),
+                "per_modality": dict(sorted(counts.items())),
+            }
+            for (source, licence), counts in sorted(pairs.items())
+        ],
+    }
+
+
 @dataclass(frozen=True)
 class SampleRecord:
     """One volume of a shard set, as listed in ``manifest.jsonl`` (shard path made absolute)."""
@@ -275,6 +345,10 @@ class SampleRecord:
     source: str
     format: str = "webdataset"
     """``webdataset`` (``shard`` is a tar, read by offset) or ``zarr`` (``shard`` is one Zarr v3 array)."""
+    data_source: str = UNKNOWN
+    """The data set the volume came from (``--source`` or ``SOURCE.json``), :data:`UNKNOWN` when undeclared."""
+    license: str = UNKNOWN
+    """The licence id of that data set (``--license`` or ``SOURCE.json``), :data:`UNKNOWN` when undeclared."""
     root: Path | None = field(default=None, compare=False, repr=False)
     """The shard folder (the manifest's): every file read for this record must resolve inside it."""
 
@@ -365,6 +439,9 @@ class SampleRecord:
             checksum=text("checksum"),
             source=text("source"),
             format=fmt,
+            # Optional: manifests written before provenance was recorded read as unknown.
+            data_source=provenance_text(line.get("data_source", UNKNOWN), "data_source"),
+            license=provenance_text(line.get("license", UNKNOWN), "license"),
             root=Path(os.path.abspath(root)),
         )
 
