@@ -1,7 +1,9 @@
 """The training loop: DeepSpeed owns backward, step, accumulation, clipping and loss scaling.
 
 ``train(cfg)`` builds everything in a fixed order (distributed → data → model + objective → DeepSpeed →
-resume → tracking) and then runs ``train_step`` until ``train.max_steps``. A reader can follow it from
+resume → tracking) and then runs ``train_step`` until ``train.max_steps``. Before training, rank 0 writes
+``config.yaml`` and ``data_provenance.json`` (:mod:`pcrl.provenance`: the sources, licences and counts of the
+volumes it trains on) into the run folder. A reader can follow it from
 the first line to ``engine.step()`` in this file.
 
 Resuming is exact: a checkpoint holds, besides DeepSpeed's model and optimizer state, every rank's RNGs,
@@ -43,6 +45,7 @@ from pcrl.metrics import MetricWindow, SampleKeyLog, flops_per_sample, loss_scal
 from pcrl.objective import LOSS_TERMS, beta_schedule, build_task
 from pcrl.optim import build_optimizer, lr_schedule
 from pcrl.progress import ConsoleProgress
+from pcrl.provenance import DATA_PROVENANCE, write_data_provenance
 from pcrl.tracking import Tracker
 
 __all__ = [
@@ -224,6 +227,8 @@ def _train(cfg: PretrainConfig, reporter: Reporter | None, stop: StopSignals) ->
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        # Sources, licences and counts of what this run trains on, for the export's encoder.json and card.
+        write_data_provenance(run_dir, loader.dataset.records, cfg)
     distributed.barrier()
 
     # -- model + objective + optimizer under DeepSpeed -----------------------------------------------------
@@ -271,6 +276,7 @@ def _train(cfg: PretrainConfig, reporter: Reporter | None, stop: StopSignals) ->
     tracker.start(cfg.run.name, flatten_config(cfg), run_id=state.run_id)
     if distributed.is_main():
         tracker.log_artifact(run_dir / "config.yaml")
+        tracker.log_artifact(run_dir / DATA_PROVENANCE)
     console = ConsoleProgress(max_steps, start_step, enabled=distributed.is_main())
     flops = flops_per_sample(cfg)
     _log_start(cfg, task, world, ds_config["train_batch_size"], flops)
