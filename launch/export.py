@@ -2,9 +2,10 @@
 
     python launch/export.py RUN_DIR [--step N] [--output DIR]
 
-Writes ``encoder.safetensors`` (the encoder's tensors, float32) and ``encoder.json`` (architecture,
-preprocessing, training step, config hash, sha256 of the weights) into RUN_DIR (or DIR), from the latest
-verified checkpoint or the one of step N. Load them with ``pcrl.load_encoder(RUN_DIR)``.
+Writes ``encoder.safetensors`` (the encoder's tensors, float32), ``encoder.json`` (architecture,
+preprocessing, training step, config hash, sha256 of the weights, data provenance) and ``MODEL_CARD.md`` (the
+same for a reader, with the run's evaluation results) into RUN_DIR (or DIR), from the latest verified
+checkpoint or the one of step N. Load them with ``pcrl.load_encoder(RUN_DIR)``.
 
 Exit status: 0 done, 2 no usable checkpoint or a bad command line.
 """
@@ -22,7 +23,9 @@ from pcrl import exit_status
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Export a pretrained encoder (safetensors + JSON).")
+    parser = argparse.ArgumentParser(
+        description="Export a pretrained encoder (safetensors + JSON + MODEL_CARD.md)."
+    )
     parser.add_argument("run_dir", type=Path, help="the run folder (with checkpoints/)")
     parser.add_argument(
         "--step", type=int, default=None, help="checkpoint step (default: the latest good one)"
@@ -33,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pcrl.config import ConfigError
     from pcrl.export import export_encoder, read_encoder_meta
+    from pcrl.model_card import MODEL_CARD
 
     try:
         weights, meta_path = export_encoder(args.run_dir, args.step, args.output)
@@ -40,13 +44,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"export: error: {e}", file=sys.stderr)
         return exit_status.USAGE
     meta = read_encoder_meta(meta_path)
-    arch, training = meta["architecture"], meta["training"]
+    arch, training, provenance = meta["architecture"], meta["training"], meta["provenance"]
     print(f"encoder:  {weights}")
     print(f"metadata: {meta_path}")
+    print(f"card:     {meta_path.with_name(MODEL_CARD)}")
     print(
         f"          step {training['step']}, widths {arch['stage_channels']}, norm {arch['norm']}, "
         f"config {training['config_hash']}"
     )
+    if provenance["status"] == "recorded":
+        print(f"data:     {provenance['volumes']} volumes; licences {provenance['per_license']}")
+    else:
+        print("data:     provenance unknown (the run recorded none)")
     print(f"load it:  pcrl.load_encoder({str(weights.parent)!r})")
     return exit_status.OK
 

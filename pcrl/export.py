@@ -1,4 +1,4 @@
-"""Encoder export: a verified DeepSpeed checkpoint → ``encoder.safetensors`` + ``encoder.json``.
+"""Encoder export: a verified DeepSpeed checkpoint → ``encoder.safetensors`` + ``encoder.json`` + ``MODEL_CARD.md``.
 
 The exported pair is everything a downstream user needs and nothing that can execute code on load:
 
@@ -6,7 +6,11 @@ The exported pair is everything a downstream user needs and nothing that can exe
   buffers) as float32, keys exactly those of :class:`pcrl.model.PCRLv2Encoder`;
 * ``encoder.json``: the architecture (widths, depth, norm), the preprocessing the encoder was trained on
   (input spacing, intensity window, axis order, per-crop z-normalisation), the training step, the config hash
-  and the sha256 of the weights file, so a weights file paired with another export's JSON is refused.
+  and the sha256 of the weights file, so a weights file paired with another export's JSON is refused; and
+  ``provenance``, the run's ``data_provenance.json`` (:mod:`pcrl.provenance`: data sources, licences, volume
+  counts per modality, spacing, window), ``"status": "unknown"`` for a run that recorded none;
+* ``MODEL_CARD.md``: the same facts for a reader, with the run's evaluation results and what to check before
+  using the weights (:mod:`pcrl.model_card`).
 
 The checkpoint is read with ``torch.load(weights_only=True)`` (its client state holds plain data only, see
 :mod:`pcrl.checkpoint`) and the export is read with ``safetensors`` and ``json``: no pickle anywhere.
@@ -39,6 +43,8 @@ from pcrl.checkpoint import (
 from pcrl.config import PretrainConfig, config_hash, load_config
 from pcrl.io import atomic_path, file_sha256
 from pcrl.model import PCRLv2Encoder
+from pcrl.model_card import MODEL_CARD, evaluation_results, render_model_card
+from pcrl.provenance import read_data_provenance
 
 __all__ = [
     "ENCODER_FORMAT",
@@ -123,7 +129,9 @@ def _input_spacing(cfg: PretrainConfig) -> list[float] | None:
     return list(spacings.pop()) if len(spacings) == 1 else None
 
 
-def _metadata(cfg: PretrainConfig, step: int, trained_dtype: str, tensors_sha: str) -> dict[str, Any]:
+def _metadata(
+    cfg: PretrainConfig, step: int, trained_dtype: str, tensors_sha: str, provenance: dict[str, Any]
+) -> dict[str, Any]:
     encoder = PCRLv2Encoder(1, cfg.model.base_channels, cfg.model.depth, "batch")
     view = cfg.views.global_size
     crops = cfg.views.global_crop_sizes
@@ -168,25 +176,27 @@ def _metadata(cfg: PretrainConfig, step: int, trained_dtype: str, tensors_sha: s
             ),
         },
         "weights": {"file": ENCODER_WEIGHTS, "sha256": tensors_sha, "dtype": "float32"},
+        "provenance": provenance,
     }
 
 
 def export_encoder(run_dir: Path, step: int | None = None, output: Path | None = None) -> tuple[Path, Path]:
-    """Write ``encoder.safetensors`` and ``encoder.json`` from a run's checkpoint.
+    """Write ``encoder.safetensors``, ``encoder.json`` and ``MODEL_CARD.md`` from a run's checkpoint.
 
     Args:
         run_dir: the run folder (with ``checkpoints/``).
         step: the checkpoint's step; None = the latest verified one (``checkpoints/latest``, or the newest
             older checkpoint that passes its manifest check).
-        output: folder to write into (default ``run_dir``). Both files are written under temporary names
+        output: folder to write into (default ``run_dir``). The files are written under temporary names
             and renamed, the JSON last.
 
     Returns:
-        The paths of the weights and the JSON.
+        The paths of the weights and the JSON (the card is ``MODEL_CARD.md`` beside them).
 
     Raises:
         FileNotFoundError: no (usable) checkpoint, or no checkpoint at ``step``.
-        ValueError: the checkpoint cannot be read without pickle, or holds no PCRLv2 encoder.
+        ValueError: the checkpoint cannot be read without pickle, or holds no PCRLv2 encoder; the run's
+            ``data_provenance.json`` is damaged.
     """
     from safetensors.torch import save_file
 
@@ -195,14 +205,25 @@ def export_encoder(run_dir: Path, step: int | None = None, output: Path | None =
     tag_dir = checkpoint_dir(run_dir) / tag
     cfg = load_config(tag_dir / "config.yaml")
     tensors, trained_dtype = _encoder_tensors(tag_dir)
+    provenance = read_data_provenance(run_dir, cfg)
+    step = checkpoint_step(tag) or 0
+    evaluation = evaluation_results(run_dir, step)
     output = Path(output) if output is not None else run_dir
     output.mkdir(parents=True, exist_ok=True)
     weights, meta_path = output / ENCODER_WEIGHTS, output / ENCODER_META
-    # The metadata (which holds the weights' digest) replaces the old one last.
-    with atomic_path(meta_path) as tmp_meta, atomic_path(weights) as tmp_weights:
+    # Renamed in reverse order when the block ends: weights, card, then the metadata (which holds the weights'
+    # digest) last.
+    with (
+        atomic_path(meta_path) as tmp_meta,
+        atomic_path(output / MODEL_CARD) as tmp_card,
+        atomic_path(weights) as tmp_weights,
+    ):
         save_file(tensors, str(tmp_weights), metadata={"format": ENCODER_FORMAT})
-        meta = _metadata(cfg, checkpoint_step(tag) or 0, trained_dtype, file_sha256(tmp_weights))
+        meta = _metadata(cfg, step, trained_dtype, file_sha256(tmp_weights), provenance)
+        tmp_card.write_text(render_model_card(meta, evaluation))
         tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
+    if provenance["status"] != "recorded":
+        logger.warning("%s: data provenance unknown (%s); the export says so", run_dir, provenance["note"])
     logger.info("exported the encoder of %s (step %s) to %s", run_dir, checkpoint_step(tag), output)
     return weights, meta_path
 
