@@ -13,8 +13,8 @@ target spacing → intensity policy (CT: int16 HU clipped to [-1024, 3071]; MR: 
 ``<key>.meta.json`` (or one Zarr array). Every input ends as exactly one ``manifest.jsonl`` line or one
 ``rejects.jsonl`` line with the reason. Every volume records where it came from and its licence
 (``data_source``, ``license``: ``--source`` / ``--license``, else the nearest ``SOURCE.json``, else
-``unknown``; see :mod:`data_prep.provenance`), and ``summary.json`` totals them. ``qa.png`` (:mod:`data_prep.qa`) shows a sample of the accepted
-volumes for a check by eye.
+``unknown``; see :mod:`data_prep.provenance`), and ``summary.json`` totals them. ``qa.png``
+(:mod:`data_prep.qa`) shows a sample of the accepted volumes for a check by eye.
 
 Volumes and DICOM headers are prepared by :class:`data_prep.pool.Pool`: this process, local worker
 processes, or Ray tasks. The output is byte-for-byte deterministic for any ``--workers`` and back end: inputs are sorted, workers only prepare

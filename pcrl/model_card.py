@@ -102,9 +102,17 @@ def _preprocessing(pre: Mapping[str, Any]) -> list[str]:
         f"- CT: {pre.get('ct', 'unknown')}; window {list(window) if window else 'unknown'} HU",
         f"- MR: {pre.get('mr', 'unknown')}",
         f"- then: {pre.get('normalisation', 'unknown')}",
-        f"- pretraining views: {pre.get('view_size')} voxels, crops resized by {pre.get('view_voxel_scale')} "
-        "(voxel scale per axis, smallest and largest)",
+        f"- pretraining views: {_views(pre.get('view_size'), pre.get('view_voxel_scale'))}",
     ]
+
+
+def _views(size: Sequence[int] | None, scale: Sequence[Sequence[float]] | None) -> str:
+    if not size or not scale:
+        return "unknown"
+    ranges = " × ".join(f"{lo:g}–{hi:g}" for lo, hi in zip(*scale, strict=True))
+    return (
+        f"{' × '.join(map(str, size))} voxels, each a crop of {ranges} times as many voxels per axis, resized"
+    )
 
 
 def _evaluation(evaluation: Mapping[str, Mapping[str, float]], step: int) -> list[str]:
