@@ -87,7 +87,7 @@ def data_provenance(records: Sequence[SampleRecord], cfg: PretrainConfig) -> dic
         "volumes": len(records),
         "per_modality": dict(sorted(per_modality.items())),
         **provenance_totals((r.data_source, r.license, r.modality) for r in records),
-        "spacing_mm": sorted({tuple(r.spacing) for r in records}),
+        "spacing_mm": [list(s) for s in sorted({tuple(r.spacing) for r in records})],
         "intensity": _intensity(cfg),
         "shard_sets": [
             {"name": folder.name, "volumes": n, "fingerprint": _fingerprint(folder)}
@@ -135,7 +135,7 @@ def read_data_provenance(
     path = Path(run_dir) / DATA_PROVENANCE
     if not path.is_file():
         return unknown_provenance(
-            cfg, f"the run folder has no {DATA_PROVENANCE} (a run from before data provenance was recorded)"
+            cfg, f"The run folder has no {DATA_PROVENANCE} (a run from before data provenance was recorded)."
         )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
