@@ -31,7 +31,9 @@ def _client(address: str, home: Path, **auth: str) -> subprocess.CompletedProces
     )
 
 
-def test_local_ray_refuses_a_client_without_its_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_local_ray_refuses_a_client_without_its_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Started the way ``data_prep`` starts it (``Pool(ray="local")``), in an environment that asks for no
     authentication (``RAY_AUTH_MODE=disabled``, no token anywhere), the instance still runs in token mode with a
     token of its own that is written nowhere; a client without it (auth unset, disabled, or a wrong token) is
@@ -53,10 +55,16 @@ def test_local_ray_refuses_a_client_without_its_token(tmp_path: Path, monkeypatc
 
         elsewhere = tmp_path / "elsewhere"
         elsewhere.mkdir()
-        for auth in ({}, {"RAY_AUTH_MODE": "disabled"}, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}):
+        for auth in (
+            {},
+            {"RAY_AUTH_MODE": "disabled"},
+            {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64},
+        ):
             refused = _client(address, elsewhere, **auth)
             out = refused.stdout + refused.stderr
-            assert refused.returncode != 0, f"a client with {auth or 'no auth settings'} got in:\n{out[-2000:]}"
+            assert refused.returncode != 0, (
+                f"a client with {auth or 'no auth settings'} got in:\n{out[-2000:]}"
+            )
             assert "ANSWER" not in out
             assert "InvalidAuthToken" in out or "AuthenticationError" in out, out[-2000:]
 
@@ -75,6 +83,6 @@ def test_token_path_that_names_no_file_is_refused_up_front(
 
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
-    with pytest.raises(RayAuthError, match="RAY_AUTH_TOKEN_PATH=.*missing: no such file"):
+    with pytest.raises(RayAuthError, match=r"RAY_AUTH_TOKEN_PATH=.*missing: no such file"):
         start_local_ray(num_cpus=1)
     assert not ray.is_initialized()
