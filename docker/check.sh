@@ -7,7 +7,7 @@
 #      sharded (data_prep.shard), a short pretraining through the deepspeed launcher (configs/pretrain/tiny.yaml),
 #      the encoder exported (launch/export.py) and loaded with pcrl.load_encoder
 # It prints the build time and the image size, exits non-zero on any failure, and removes the images and
-# containers it made (also when it fails). It is not part of `make test` (about 15-25 minutes on two cores,
+# containers it made (also when it fails). It is not part of `make test` (9 to 18 minutes on two cores here,
 # and network access to Debian's mirror and PyPI). Needs root (or rootless buildah) and, if missing,
 # installs buildah and mmdebstrap with apt-get.
 #
