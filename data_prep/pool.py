@@ -180,6 +180,8 @@ class Pool:
     def _ray(self) -> tuple[Callable[..., Any], Callable[..., Any]]:
         try:
             import ray
+
+            from pcrl.ray_local import start_local_ray
         except ImportError:
             raise PoolError("--ray needs Ray: pip install 'pcrl[ray]'") from None
         if self._ray_remote is None:
@@ -188,8 +190,9 @@ class Pool:
                     if self.ray == "local":
                         # address="local": a new instance even where another one runs on this machine (with
                         # no address, Ray would join any instance it finds, or RAY_ADDRESS).
-                        ray.init(address="local", num_cpus=max(1, self.workers), include_dashboard=False,
-                                 logging_level=logging.WARNING, log_to_driver=False)  # fmt: skip
+                        # With token authentication on (pcrl.ray_local): its ports listen on every interface.
+                        start_local_ray(num_cpus=max(1, self.workers), include_dashboard=False,
+                                        logging_level=logging.WARNING, log_to_driver=False)  # fmt: skip
                     else:
                         ray.init(address=self.ray, logging_level=logging.WARNING)
                 except (

@@ -376,7 +376,8 @@ def run_sweep(
 
     Args:
         sweep: the loaded sweep (:func:`load_sweep`).
-        address: a Ray cluster to join (``auto``, ``HOST:PORT``); None starts a local one.
+        address: a Ray cluster to join (``auto``, ``HOST:PORT``); None (or ``local``) starts a local one, with
+            token authentication (:func:`pcrl.ray_local.start_local_ray`).
         resume: continue the sweep in ``<output_dir>/<name>`` (finished trials are not run again).
         verbose: Ray Tune's console verbosity (0 silent, 1 status tables).
 
@@ -388,6 +389,7 @@ def run_sweep(
     from ray import tune
 
     from pcrl.evaluate import metric_mode
+    from pcrl.ray_local import start_local_ray
     from pcrl.tracking import SweepTracker
 
     base = base_config(sweep)
@@ -436,10 +438,11 @@ def run_sweep(
     # after a trial finished must not run that trial again.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     if not ray.is_initialized():
-        if address:
+        if address and address != "local":
             ray.init(address=address, include_dashboard=False)
         else:
-            ray.init(include_dashboard=False)
+            # A new instance, with token authentication on: its ports listen on every interface.
+            start_local_ray(include_dashboard=False)
 
     trainable = tune.with_parameters(_run_trial, sweep=sweep, uri=uri)
     per_trial: dict[str, float] = {"CPU": sweep.cpus_per_worker, "GPU": sweep.gpus_per_worker}
