@@ -418,6 +418,11 @@ class EngineConfig:
     """DeepSpeed ZeRO stage, 0-2."""
     channels_last: bool = False
     """Use the channels-last 3D memory format (fast bf16 convolutions on CPUs with AMX)."""
+    compile: bool = False
+    """Compile the U-Net's forward with ``torch.compile`` (static shapes, inductor). Only the model: the
+    objective and its random scale draws stay eager, so there is one graph per kind of forward (view 1, view
+    2, the local views), compiled once at the first step (minutes on a few CPU cores, cached on disk by
+    torch), never again. Logged as ``compile/graphs``."""
     deepspeed_overlay: str = ""
     """Optional JSON file of extra DeepSpeed keys; refused where it contradicts a pcrl setting."""
     dist_timeout_s: int = 600
@@ -556,6 +561,12 @@ class PretrainConfig:
             not (self.engine.channels_last and self.engine.zero_stage > 0),
             "engine.channels_last",
             "needs engine.zero_stage=0 (ZeRO flattens parameters into dense buffers); turn one of them off",
+        )
+        check(
+            not (self.engine.compile and self.model.activation_checkpointing),
+            "engine.compile",
+            "cannot compile activation checkpointing (torch.compile refuses its BatchNorm-preserving context); "
+            "turn model.activation_checkpointing or engine.compile off",
         )
         factor = 2 ** (self.model.depth - 1)
         for key, size in (

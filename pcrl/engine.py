@@ -55,6 +55,8 @@ __all__ = [
     "Preempted",
     "RankLost",
     "StopSignals",
+    "compile_model",
+    "compiled_graphs",
     "configure_logging",
     "cpu_has_bf16",
     "train",
@@ -160,6 +162,26 @@ class FiniteGuard:
                 "update. Lower optim.lr, use engine.precision=fp32, check the input volumes, or allow a few "
                 "skipped steps with train.max_nonfinite_skips"
             )
+
+
+def compile_model(model: torch.nn.Module, backend: str = "inductor") -> None:
+    """Compile ``model``'s forward in place with ``torch.compile`` (static shapes; ``backend`` inductor, or
+    ``eager`` to check the graphs without generating code).
+
+    In place (``nn.Module.compile``), so the state-dict keys, the checkpoints and the exported encoder do not
+    change. Only the U-Net: the objective, with its random scale draws, stays eager. The model's forward
+    depends on the input shape and its ``local`` flag alone, so a run compiles one graph per kind of forward
+    (view 1, view 2 and the local views: three with ``objective.restore_views=[1]``, two when both global
+    views are restored), at the first step, whatever scales the objective draws.
+    """
+    model.compile(backend=backend, dynamic=False)
+
+
+def compiled_graphs() -> int:
+    """Graphs ``torch.compile`` has compiled in this process so far (dynamo's ``unique_graphs`` counter)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def _seed_everything(seed: int) -> None:
@@ -274,6 +296,9 @@ def _train(cfg: PretrainConfig, reporter: Reporter | None, stop: StopSignals) ->
         # After initialize: DeepSpeed's parameter broadcast views weights as bytes and needs them dense.
         # .to() swaps each parameter's data in place, so the optimizer keeps the same parameters.
         engine.module.to(memory_format=torch.channels_last_3d)
+    if cfg.engine.compile:
+        # After the layout change: the compiled graphs are specialised to the parameters' strides.
+        compile_model(engine.module.model)
 
     # -- resume: RNGs, the objective's scale draws, loader position, counters, log window ------------------
     # The scale draws of the objective follow their own seeded stream, identical on every launch.
@@ -347,6 +372,8 @@ def _train(cfg: PretrainConfig, reporter: Reporter | None, stop: StopSignals) ->
                 losses = window.loss_means()
                 perf = window.throughput(ds_config["train_batch_size"], flops, world)
                 metrics = {**losses, "optim/lr": lr, "schedule/beta": beta, **perf}
+                if cfg.engine.compile:
+                    metrics["compile/graphs"] = float(compiled_graphs())
                 if cfg.train.max_nonfinite_skips:
                     metrics["train/nonfinite_skips"] = float(state.nonfinite_skips)
                 if cfg.engine.precision == "fp16":
@@ -428,12 +455,13 @@ def _log_start(cfg: PretrainConfig, task: torch.nn.Module, world: int, batch: in
     if distributed.is_main():
         n_params = sum(p.numel() for p in task.model.parameters())
         logger.info(
-            "run %s: %d process(es), %s, channels-last %s, %.2f M parameters, "
+            "run %s: %d process(es), %s, channels-last %s, compile %s, %.2f M parameters, "
             "micro-batch %d × accum %d × %d ranks = %d samples/step, %.3g GFLOP per sample (forward + backward)",
             cfg.run_dir,
             world,
             cfg.engine.precision,
             "on" if cfg.engine.channels_last else "off",
+            "on" if cfg.engine.compile else "off",
             n_params / 1e6,
             cfg.train.micro_batch_size,
             cfg.train.grad_accum_steps,

@@ -1,5 +1,6 @@
-"""The training step's speed contracts, checked by counting rather than timing: the loop reads the device only
-where it must (once per optimizer step for the non-finite check, and at log steps)."""
+"""The training step's speed contracts, checked by counting rather than timing: ``engine.compile`` compiles a
+fixed set of graphs whatever scales the objective draws, and the loop reads the device only where it must
+(once per optimizer step for the non-finite check, and at log steps)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,47 @@ from torch.overrides import TorchFunctionMode
 
 from pcrl.config import load_config
 from pcrl.distributed import free_port
-from pcrl.engine import configure_logging, train
+from pcrl.engine import compile_model, compiled_graphs, configure_logging, train
+from pcrl.model import PCRLv2UNet
+from pcrl.objective import PCRLv2Objective, PCRLv2Task
+
+
+@pytest.mark.parametrize(
+    ("restore_views", "channels_last", "graphs"),
+    [((1,), False, 3), ((1, 2), True, 2)],
+)
+def test_compile_model_compiles_each_forward_once_whatever_the_draws(
+    restore_views: tuple[int, ...], channels_last: bool, graphs: int
+) -> None:
+    """Twelve steps of the full objective with the U-Net compiled as the engine does it. The objective draws a
+    new scale each step (eager, from the generator), yet only one graph per kind of forward may exist: view 1,
+    view 2 (features only when it is not restored) and the local views. Pins the old failure where the scale
+    draws were part of the compiled code and rebuilt its graphs (fp32 + compile ran 0.27× eager). The
+    ``eager`` backend checks dynamo's graphs and guards without generating code (the same graphs inductor
+    gets), so this stays fast."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = PCRLv2UNet(base_channels=2, depth=3)
+    task = PCRLv2Task(model, PCRLv2Objective(restore_views=restore_views))
+    if channels_last:
+        task.to(memory_format=torch.channels_last_3d)
+    compile_model(task.model, backend="eager")
+    opt = torch.optim.SGD(task.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    scales = set()
+    for step in range(12):
+        global_views = torch.randn((2, 2, 1, 8, 8, 4), generator=g)
+        targets = torch.rand((2, 2, 1, 8, 8, 4), generator=g)
+        local_views = torch.randn((2, 3, 1, 4, 4, 4), generator=g)
+        out = task(global_views, targets, local_views, beta=1.0 - step / 12, generator=generator)
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+        scales.add(int(out["scale"]))
+        assert compiled_graphs() == graphs, f"step {step}: {compiled_graphs()} graphs"
+    assert scales == {0, 1}, "the draws did not vary; the test proves nothing"
+
 
 READS = {
     torch.Tensor.item,
