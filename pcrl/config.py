@@ -412,8 +412,10 @@ class TrainConfig:
 
 @dataclass
 class EngineConfig:
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """``fp32``, ``bf16`` or ``fp16`` (DeepSpeed loss scaling)."""
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
+    """``fp32``, ``bf16``, ``fp16`` (DeepSpeed loss scaling) or ``auto``: bf16 on a GPU or on a CPU with bf16
+    instructions (AVX512-BF16/AMX), else fp32. The engine logs what it picked, and the run folder's
+    ``config.yaml`` records it."""
     zero_stage: Literal[0, 1, 2] = 0
     """DeepSpeed ZeRO stage, 0-2."""
     channels_last: bool = False

@@ -17,6 +17,7 @@ with :class:`Preempted`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -59,6 +60,7 @@ __all__ = [
     "compiled_graphs",
     "configure_logging",
     "cpu_has_bf16",
+    "resolve_auto",
     "train",
     "train_step",
 ]
@@ -221,6 +223,31 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def resolve_auto(cfg: PretrainConfig, cuda: bool | None = None) -> PretrainConfig:
+    """``cfg`` with ``engine.precision=auto`` replaced by the precision that runs fastest here (logged).
+
+    bf16 on a GPU, and on a CPU with bf16 instructions, where oneDNN's bf16 convolutions beat fp32
+    (docs/benchmarks.md); fp32 on other CPUs, where bf16 3D convolutions fall back to a slow kernel.
+
+    Args:
+        cfg: the configuration; returned as it is when its precision is not ``auto``.
+        cuda: plan for a GPU (True) or a CPU (False); default: this machine.
+    """
+    if cfg.engine.precision != "auto":
+        return cfg
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    if cuda:
+        precision, why = "bf16", "a GPU"
+    elif cpu_has_bf16():
+        precision, why = "bf16", "a CPU with bf16 instructions"
+    else:
+        precision, why = "fp32", "a CPU without bf16 instructions"
+    if distributed.is_main():
+        logger.info("engine.precision=auto: %s on %s", precision, why)
+    return dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, precision=precision))
+
+
 def _last_record(path: Path) -> dict[str, float]:
     """The metrics of the last line of ``metrics.jsonl`` (for a relaunch that had nothing left to do)."""
     records, _ = read_jsonl(path)
@@ -249,6 +276,7 @@ def train(cfg: PretrainConfig, reporter: Reporter | None = None) -> dict[str, fl
         Preempted: a preemption signal arrived; the checkpoint of the step it names is saved.
         RankLost: another rank died or stopped answering (within ``engine.dist_timeout_s``).
     """
+    cfg = resolve_auto(cfg)
     stop = StopSignals()
     stop.install()
     try:

@@ -73,7 +73,7 @@ def test_config_defaults_are_the_paper() -> None:
         ("objective.weights.global=-1", "objective.weights.global", "must be >= 0"),
         ("objective.weights.globl=1", "objective.weights.globl", "unknown key"),
         ("objective.restore_views=[3]", "objective.restore_views", "must be [1], [2] or [1, 2]"),
-        ("engine.precision=fp8", "engine.precision", "fp32, bf16 or fp16"),
+        ("engine.precision=fp8", "engine.precision", "fp32, bf16, fp16 or auto"),
         ("views.global_size=[30,32,16]", "views.global_size", "divisible by 8"),
         ("views.global_size=[32,32]", "views.global_size", "expected 3 values"),
         ("model.norm=layer", "model.norm", "batch, sync_batch, group or instance"),

@@ -14,9 +14,10 @@ import torch
 from runs import TINY
 from torch.overrides import TorchFunctionMode
 
+from pcrl import engine
 from pcrl.config import load_config
 from pcrl.distributed import free_port
-from pcrl.engine import compile_model, compiled_graphs, configure_logging, train
+from pcrl.engine import compile_model, compiled_graphs, configure_logging, resolve_auto, train
 from pcrl.model import PCRLv2UNet
 from pcrl.objective import PCRLv2Objective, PCRLv2Task
 
@@ -56,6 +57,29 @@ def test_compile_model_compiles_each_forward_once_whatever_the_draws(
         scales.add(int(out["scale"]))
         assert compiled_graphs() == graphs, f"step {step}: {compiled_graphs()} graphs"
     assert scales == {0, 1}, "the draws did not vary; the test proves nothing"
+
+
+@pytest.mark.parametrize(
+    ("cuda", "cpu_bf16", "expected"),
+    [(True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32")],
+)
+def test_resolve_auto_picks_the_fast_precision_and_logs_it(
+    cuda: bool,
+    cpu_bf16: bool,
+    expected: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``engine.precision=auto`` becomes bf16 on a GPU or a CPU with bf16 instructions and fp32 elsewhere
+    (where bf16 3D convolutions run on a slow fallback kernel), says so in the log, and leaves an explicit
+    precision alone. Pins an auto that reaches DeepSpeed unresolved or picks bf16 on a CPU that lacks it."""
+    monkeypatch.setattr(engine, "cpu_has_bf16", lambda: cpu_bf16)
+    with caplog.at_level("INFO", logger="pcrl.engine"):
+        cfg = resolve_auto(load_config(TINY, ["engine.precision=auto"]), cuda=cuda)
+    assert cfg.engine.precision == expected
+    assert f"engine.precision=auto: {expected} on " in caplog.text
+    explicit = load_config(TINY, ["engine.precision=fp32"])
+    assert resolve_auto(explicit, cuda=cuda) is explicit
 
 
 READS = {
