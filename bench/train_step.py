@@ -9,6 +9,12 @@ Without ``--variants`` a CPU run compares the settings that can win on this CPU:
 has bf16 instructions (AVX512-BF16/AMX: oneDNN's fast bf16 convolutions want channels-last), else fp32
 with channels-last and torch.compile (bf16 then runs on a slow reference kernel, tens of times slower).
 
+``compile`` variants compile the U-Net alone, as ``engine.compile`` does (``PCRLv2UNet.compile``, static
+shapes): the objective and its random scale draws stay eager, so the graphs do not depend on the draws.
+Every variant is built (and compiled) first, then timed in ``--repeats`` rounds that alternate the
+variants, so a shared machine's load changes hit them alike; each figure is the mean over the rounds, with
+its standard deviation.
+
 The optimizer step (SGD, as the paper) is included; the views are fixed random tensors, so this measures
 the model + objective + update, not the data path (bench/views.py covers that).
 """
@@ -18,8 +24,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,8 +43,10 @@ VARIANTS = {
     "fp32": (None, False, False),
     "fp32-cl": (None, True, False),
     "fp32-compile": (None, False, True),
+    "fp32-cl-compile": (None, True, True),
     "bf16": (torch.bfloat16, False, False),
     "bf16-cl": (torch.bfloat16, True, False),
+    "bf16-compile": (torch.bfloat16, False, True),
     "bf16-cl-compile": (torch.bfloat16, True, True),
 }
 
@@ -77,44 +87,86 @@ def count_flops(args: argparse.Namespace, device: torch.device) -> float:
     return counter.get_total_flops() / args.batch
 
 
-def run_variant(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+def prepare_variant(name: str, args: argparse.Namespace, device: torch.device) -> Callable[[], torch.Tensor]:
+    """Build the variant's task and optimizer and warm it up (compiling, for compile variants); returns its
+    training step, which returns the loss without a host sync."""
     dtype, channels_last, compile_ = VARIANTS[name]
     task, opt = build(args, device, channels_last)
-    step_fn = torch.compile(task) if compile_ else task
+    if compile_:
+        task.model.compile(dynamic=False)
     batch = make_batch(args, device)
     gen = torch.Generator().manual_seed(0)
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
 
-    def step() -> float:
+    def step() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
         ctx = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
         with ctx:
-            out = step_fn(**batch, beta=0.5, generator=gen)
+            out = task(**batch, beta=0.5, generator=gen)
         out["loss"].backward()
         opt.step()
         return out["loss"].detach()
 
     for _ in range(args.warmup):
         step()
+    return step
+
+
+def time_steps(step: Callable[[], torch.Tensor], steps: int, device: torch.device) -> tuple[float, float]:
+    """Seconds per step over ``steps`` steps, and the last loss."""
+    cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for _ in range(args.steps):
+    for _ in range(steps):
         loss = step()
     final = float(loss)  # one host sync at the end, not per step
     if cuda:
         torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / args.steps
-    res = {"step_s": dt, "samples_per_s": args.batch / dt, "final_loss": final}
-    if cuda:
-        res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    else:
-        import resource
+    return (time.perf_counter() - t0) / steps, final
 
-        res["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return res
+
+def run_variants(
+    names: list[str], args: argparse.Namespace, device: torch.device
+) -> dict[str, dict[str, float]]:
+    """Time every variant in ``args.repeats`` alternating rounds of ``args.steps`` steps."""
+    cuda = device.type == "cuda"
+    # Dynamo keeps the graphs of every model instance on the one forward code object and, past its
+    # recompile limit (8), silently runs the rest eager: each compiled variant adds three graphs.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(names))
+    steps = {}
+    for name in names:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        steps[name] = prepare_variant(name, args, device)
+        print(f"{name}: ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    finals: dict[str, float] = {}
+    for _ in range(args.repeats):
+        for name in names:
+            dt, finals[name] = time_steps(steps[name], args.steps, device)
+            times[name].append(dt)
+            print(f"{name}: {dt:.3f} s/step", file=sys.stderr, flush=True)
+    results = {}
+    for name in names:
+        rates = [args.batch / dt for dt in times[name]]
+        res = {
+            "step_s": statistics.fmean(times[name]),
+            "samples_per_s": statistics.fmean(rates),
+            "samples_per_s_sd": statistics.stdev(rates) if len(rates) > 1 else 0.0,
+            "repeats": len(rates),
+            "step_s_rounds": times[name],
+            "final_loss": finals[name],
+        }
+        if cuda:
+            # Over every variant built so far: the variants share the process.
+            res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        else:
+            import resource
+
+            res["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        results[name] = res
+    return results
 
 
 def main() -> int:
@@ -123,6 +175,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=1, help="alternating timed rounds of --steps steps")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
     p.add_argument("--base-channels", type=int, default=16)
     p.add_argument("--global-size", type=int, nargs=3, default=[64, 64, 32])
@@ -137,20 +190,22 @@ def main() -> int:
     device = torch.device(args.device)
     if args.variants is None:
         if device.type == "cuda" or cpu_has_bf16():
-            args.variants = ["fp32", "bf16", "bf16-cl", "bf16-cl-compile"]
+            args.variants = ["fp32", "bf16", "bf16-cl", "bf16-compile", "bf16-cl-compile"]
         else:
-            args.variants = ["fp32", "fp32-cl", "fp32-compile"]
+            args.variants = ["fp32", "fp32-cl", "fp32-compile", "fp32-cl-compile"]
 
     flops = count_flops(args, device)
-    results = {}
+    results = run_variants(args.variants, args, device)
     for name in args.variants:
-        results[name] = run_variant(name, args, device)
         results[name]["tflops"] = flops * results[name]["samples_per_s"] / 1e12
         if args.peak_tflops:
             results[name]["mfu"] = results[name]["tflops"] / args.peak_tflops
-    base = results[args.variants[0]]["samples_per_s"]
+    # The speed-up is paired by round (baseline and variant timed back to back), then averaged.
+    base = results[args.variants[0]]["step_s_rounds"]
     for r in results.values():
-        r["speedup_vs_" + args.variants[0]] = r["samples_per_s"] / base
+        ratios = [b / t for b, t in zip(base, r["step_s_rounds"], strict=True)]
+        r["speedup_vs_" + args.variants[0]] = statistics.fmean(ratios)
+        r["speedup_sd"] = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
     report = {
         "device": torch.cuda.get_device_name()
         if device.type == "cuda"
@@ -173,8 +228,10 @@ def main() -> int:
     for name, r in results.items():
         mem = r.get("peak_mem_gib", r.get("peak_rss_gib", 0.0))
         print(
-            f"  {name:16s} {r['step_s'] * 1e3:9.1f} ms/step  {r['samples_per_s']:8.2f} samples/s  "
-            f"{r['tflops']:7.3f} TFLOP/s  peak {mem:5.2f} GiB  x{r['speedup_vs_' + args.variants[0]]:.2f}"
+            f"  {name:16s} {r['step_s'] * 1e3:9.1f} ms/step  {r['samples_per_s']:8.2f} ± "
+            f"{r['samples_per_s_sd']:.2f} samples/s  "
+            f"{r['tflops']:7.3f} TFLOP/s  peak {mem:5.2f} GiB  "
+            f"x{r['speedup_vs_' + args.variants[0]]:.2f} ± {r['speedup_sd']:.2f}"
         )
     return 0
 

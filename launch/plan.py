@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pcrl import exit_status
 from pcrl.config import ConfigError, PretrainConfig, load_config
+from pcrl.engine import resolve_auto
 from pcrl.plan import DEVICES, DataSummary, PlanError, Rate, estimate, summarize_headers, summarize_records
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -312,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.volumes < 1:
             return _error(f"--volumes: must be at least 1, got {args.volumes}")
         data = data.scaled(args.volumes / data.total_volumes)
+    # The known devices are GPUs; --calibrate measures this machine.
+    cfg = resolve_auto(cfg, cuda=True if device is not None else None)
     extra: dict[str, Any] = {}
     if args.calibrate:
         try:

@@ -412,12 +412,19 @@ class TrainConfig:
 
 @dataclass
 class EngineConfig:
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """``fp32``, ``bf16`` or ``fp16`` (DeepSpeed loss scaling)."""
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
+    """``fp32``, ``bf16``, ``fp16`` (DeepSpeed loss scaling) or ``auto``: bf16 on a GPU or on a CPU with bf16
+    instructions (AVX512-BF16/AMX), else fp32. The engine logs what it picked, and the run folder's
+    ``config.yaml`` records it."""
     zero_stage: Literal[0, 1, 2] = 0
     """DeepSpeed ZeRO stage, 0-2."""
     channels_last: bool = False
     """Use the channels-last 3D memory format (fast bf16 convolutions on CPUs with AMX)."""
+    compile: bool = False
+    """Compile the U-Net's forward with ``torch.compile`` (static shapes, inductor). Only the model: the
+    objective and its random scale draws stay eager, so there is one graph per kind of forward (view 1, view
+    2, the local views), compiled once at the first step (minutes on a few CPU cores, cached on disk by
+    torch), never again. Logged as ``compile/graphs``."""
     deepspeed_overlay: str = ""
     """Optional JSON file of extra DeepSpeed keys; refused where it contradicts a pcrl setting."""
     dist_timeout_s: int = 600
@@ -556,6 +563,12 @@ class PretrainConfig:
             not (self.engine.channels_last and self.engine.zero_stage > 0),
             "engine.channels_last",
             "needs engine.zero_stage=0 (ZeRO flattens parameters into dense buffers); turn one of them off",
+        )
+        check(
+            not (self.engine.compile and self.model.activation_checkpointing),
+            "engine.compile",
+            "cannot compile activation checkpointing (torch.compile refuses its BatchNorm-preserving context); "
+            "turn model.activation_checkpointing or engine.compile off",
         )
         factor = 2 ** (self.model.depth - 1)
         for key, size in (

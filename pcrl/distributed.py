@@ -34,6 +34,7 @@ __all__ = [
     "lost_ranks",
     "peer_failure",
     "rank",
+    "reduce_to_host",
     "release_shm_workspace",
     "shm_workspace",
     "shm_workspaces",
@@ -86,6 +87,19 @@ def all_reduce_mean(value: float | torch.Tensor) -> float:
         t = t.cuda()
     dist.all_reduce(t)
     return float(t.item()) / dist.get_world_size()
+
+
+def reduce_to_host(values: torch.Tensor, mean: bool = False) -> list[float]:
+    """The sum (or mean) over ranks of a 1-D tensor, read to the host in one transfer (the values themselves
+    in one process). Reduced in float64; the read waits for the device: call it where a sync is due."""
+    t = values.detach().to(torch.float64)
+    if _initialized():
+        # Each backend reduces on its own device: nccl on the GPU, gloo on the CPU.
+        t = t.cuda() if dist.get_backend() == "nccl" else t.cpu()
+        dist.all_reduce(t)
+        if mean:
+            t = t / dist.get_world_size()
+    return t.tolist()
 
 
 def any_rank(flag: bool) -> bool:

@@ -6,6 +6,10 @@ resume → tracking) and then runs ``train_step`` until ``train.max_steps``. Bef
 volumes it trains on) into the run folder. A reader can follow it from
 the first line to ``engine.step()`` in this file.
 
+Between log steps the loop never waits for the device: the loss terms are summed on the device and read
+at log steps, and the one host read of a step is the non-finite check of its loss, just before the update
+(after backward is queued).
+
 Resuming is exact: a checkpoint holds, besides DeepSpeed's model and optimizer state, every rank's RNGs,
 its objective generator, its loader position and its partial log window, so a run killed at any step and
 launched again ends bitwise identical to an uninterrupted one (fp32 on CPU). SIGTERM and SIGUSR1 (what
@@ -15,6 +19,7 @@ with :class:`Preempted`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -49,12 +54,16 @@ from pcrl.provenance import DATA_PROVENANCE, write_data_provenance
 from pcrl.tracking import Tracker
 
 __all__ = [
+    "FiniteGuard",
     "NonFiniteLossError",
     "Preempted",
     "RankLost",
     "StopSignals",
+    "compile_model",
+    "compiled_graphs",
     "configure_logging",
     "cpu_has_bf16",
+    "resolve_auto",
     "train",
     "train_step",
 ]
@@ -127,6 +136,59 @@ class StopSignals:
         self._previous.clear()
 
 
+class FiniteGuard:
+    """Whether the losses of the current optimizer step are finite on every rank, decided once per step, just
+    before the update.
+
+    ``add`` sums a micro-batch's loss on the device (no host sync); the sum is non-finite as soon as one loss
+    is. ``check`` reduces it over ranks and reads it: the one host sync of a training step. It comes after
+    backward has been queued, so a GPU keeps working while the host waits, and before ``engine.step()``
+    applies the update.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self._total = torch.zeros(1, device=device)
+
+    def add(self, loss: torch.Tensor) -> None:
+        """Add a micro-batch's loss (0-dim)."""
+        self._total += loss.detach().float()
+
+    def check(self, step: int) -> None:
+        """Raise if any micro-batch of this step, on any rank, had a non-finite loss; then start a new step.
+
+        Raises:
+            NonFiniteLossError: naming ``step + 1``, before the optimizer update.
+        """
+        (total,) = distributed.reduce_to_host(self._total)
+        self._total.zero_()
+        if not math.isfinite(total):
+            raise NonFiniteLossError(
+                f"the loss became non-finite ({total}) at step {step + 1}; stopping before the optimizer "
+                "update. Lower optim.lr, use engine.precision=fp32, check the input volumes, or allow a few "
+                "skipped steps with train.max_nonfinite_skips"
+            )
+
+
+def compile_model(model: torch.nn.Module, backend: str = "inductor") -> None:
+    """Compile ``model``'s forward in place with ``torch.compile`` (static shapes; ``backend`` inductor, or
+    ``eager`` to check the graphs without generating code).
+
+    In place (``nn.Module.compile``), so the state-dict keys, the checkpoints and the exported encoder do not
+    change. Only the U-Net: the objective, with its random scale draws, stays eager. The model's forward
+    depends on the input shape and its ``local`` flag alone, so a run compiles one graph per kind of forward
+    (view 1, view 2 and the local views: three with ``objective.restore_views=[1]``, two when both global
+    views are restored), at the first step, whatever scales the objective draws.
+    """
+    model.compile(backend=backend, dynamic=False)
+
+
+def compiled_graphs() -> int:
+    """Graphs ``torch.compile`` has compiled in this process so far (dynamo's ``unique_graphs`` counter)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -164,6 +226,31 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def resolve_auto(cfg: PretrainConfig, cuda: bool | None = None) -> PretrainConfig:
+    """``cfg`` with ``engine.precision=auto`` replaced by the precision that runs fastest here (logged).
+
+    bf16 on a GPU, and on a CPU with bf16 instructions, where oneDNN's bf16 convolutions beat fp32
+    (docs/benchmarks.md); fp32 on other CPUs, where bf16 3D convolutions fall back to a slow kernel.
+
+    Args:
+        cfg: the configuration; returned as it is when its precision is not ``auto``.
+        cuda: plan for a GPU (True) or a CPU (False); default: this machine.
+    """
+    if cfg.engine.precision != "auto":
+        return cfg
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    if cuda:
+        precision, why = "bf16", "a GPU"
+    elif cpu_has_bf16():
+        precision, why = "bf16", "a CPU with bf16 instructions"
+    else:
+        precision, why = "fp32", "a CPU without bf16 instructions"
+    if distributed.is_main():
+        logger.info("engine.precision=auto: %s on %s", precision, why)
+    return dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, precision=precision))
+
+
 def _last_record(path: Path) -> dict[str, float]:
     """The metrics of the last line of ``metrics.jsonl`` (for a relaunch that had nothing left to do)."""
     records, _ = read_jsonl(path)
@@ -192,6 +279,7 @@ def train(cfg: PretrainConfig, reporter: Reporter | None = None) -> dict[str, fl
         Preempted: a preemption signal arrived; the checkpoint of the step it names is saved.
         RankLost: another rank died or stopped answering (within ``engine.dist_timeout_s``).
     """
+    cfg = resolve_auto(cfg)
     stop = StopSignals()
     stop.install()
     try:
@@ -241,6 +329,9 @@ def _train(cfg: PretrainConfig, reporter: Reporter | None, stop: StopSignals) ->
         # After initialize: DeepSpeed's parameter broadcast views weights as bytes and needs them dense.
         # .to() swaps each parameter's data in place, so the optimizer keeps the same parameters.
         engine.module.to(memory_format=torch.channels_last_3d)
+    if cfg.engine.compile:
+        # After the layout change: the compiled graphs are specialised to the parameters' strides.
+        compile_model(engine.module.model)
 
     # -- resume: RNGs, the objective's scale draws, loader position, counters, log window ------------------
     # The scale draws of the objective follow their own seeded stream, identical on every launch.
@@ -249,7 +340,8 @@ def _train(cfg: PretrainConfig, reporter: Reporter | None, stop: StopSignals) ->
     if resume_tag is not None:
         state = resume_training(engine, run_dir, resume_tag, generator)
         _check_resume(cfg, loader, state, resume_tag)
-    window = MetricWindow(LOSS_TERMS, accum, state.window)
+    window = MetricWindow(LOSS_TERMS, accum, state.window, device=engine.device)
+    guard = FiniteGuard(engine.device)
     keys = (
         SampleKeyLog(run_dir, rank, state.step if resume_tag else None) if cfg.tracking.sample_keys else None
     )
@@ -299,7 +391,7 @@ def _train(cfg: PretrainConfig, reporter: Reporter | None, stop: StopSignals) ->
                 if keys is not None:
                     keys.write(step + 1, batch["keys"])
                 terms = _guarded_step(
-                    engine, batch, beta, generator, step, state, cfg.train.max_nonfinite_skips
+                    engine, batch, beta, generator, step, state, cfg.train.max_nonfinite_skips, guard
                 )
                 if terms is not None:
                     window.add(terms)
@@ -310,8 +402,12 @@ def _train(cfg: PretrainConfig, reporter: Reporter | None, stop: StopSignals) ->
             evaluate = evaluation is not None and evaluation.due(step)
             # An evaluation step is also a log step: the tracker records each step once, in one record.
             if step % cfg.train.log_every == 0 or step == max_steps or evaluate:
+                # The means first: reading them waits for the device, so the window's time is all done work.
+                losses = window.loss_means()
                 perf = window.throughput(ds_config["train_batch_size"], flops, world)
-                metrics = {**window.loss_means(), "optim/lr": lr, "schedule/beta": beta, **perf}
+                metrics = {**losses, "optim/lr": lr, "schedule/beta": beta, **perf}
+                if cfg.engine.compile:
+                    metrics["compile/graphs"] = float(compiled_graphs())
                 if cfg.train.max_nonfinite_skips:
                     metrics["train/nonfinite_skips"] = float(state.nonfinite_skips)
                 if cfg.engine.precision == "fp16":
@@ -393,11 +489,13 @@ def _log_start(cfg: PretrainConfig, task: torch.nn.Module, world: int, batch: in
     if distributed.is_main():
         n_params = sum(p.numel() for p in task.model.parameters())
         logger.info(
-            "run %s: %d process(es), %s, %.2f M parameters, micro-batch %d × accum %d × %d ranks = %d samples/step, "
-            "%.3g GFLOP per sample (forward + backward)",
+            "run %s: %d process(es), %s, channels-last %s, compile %s, %.2f M parameters, "
+            "micro-batch %d × accum %d × %d ranks = %d samples/step, %.3g GFLOP per sample (forward + backward)",
             cfg.run_dir,
             world,
             cfg.engine.precision,
+            "on" if cfg.engine.channels_last else "off",
+            "on" if cfg.engine.compile else "off",
             n_params / 1e6,
             cfg.train.micro_batch_size,
             cfg.train.grad_accum_steps,
@@ -415,12 +513,13 @@ def _guarded_step(
     step: int,
     state: ResumeState,
     max_skips: int,
-) -> dict[str, float] | None:
+    guard: FiniteGuard,
+) -> torch.Tensor | None:
     """:func:`train_step` under the ``train.max_nonfinite_skips`` policy: a non-finite loss skips its
     micro-batch (None) while skips remain, and stops the run naming the count once they are spent."""
     try:
         terms = train_step(
-            engine, batch, beta, generator, step, skip_nonfinite=state.nonfinite_skips < max_skips
+            engine, batch, beta, generator, step, guard, skip_nonfinite=state.nonfinite_skips < max_skips
         )
     except NonFiniteLossError as e:
         if not max_skips:
@@ -446,17 +545,22 @@ def train_step(
     beta: float,
     generator: torch.Generator,
     step: int,
+    guard: FiniteGuard,
     skip_nonfinite: bool = False,
-) -> dict[str, float] | None:
-    """One micro-batch: forward, non-finite check on every rank, backward, step (DeepSpeed applies the
-    update at the accumulation boundary). Returns the loss terms as floats.
+) -> torch.Tensor | None:
+    """One micro-batch: forward, backward, step (DeepSpeed applies the update at the accumulation boundary).
 
-    With ``skip_nonfinite``, a non-finite loss returns None instead: the micro-batch adds no gradient and the
-    buffers its forward changed (BatchNorm statistics) are put back.
+    Returns the loss terms, in :data:`pcrl.objective.LOSS_TERMS` order, as one float32 tensor on the engine's
+    device, without waiting for it. The non-finite check is ``guard``'s, once per optimizer step at the
+    boundary, before the update.
+
+    With ``skip_nonfinite``, each micro-batch is checked on its own (one host sync per micro-batch) and a
+    non-finite one returns None instead: it adds no gradient and the buffers its forward changed (BatchNorm
+    statistics) are put back.
 
     Raises:
-        NonFiniteLossError: the loss is NaN/inf on any rank (and ``skip_nonfinite`` is false), before the
-            optimizer update.
+        NonFiniteLossError: a loss of this optimizer step was NaN/inf on some rank (and ``skip_nonfinite``
+            is false), before the optimizer update.
     """
     device = engine.device
     # A copy of the buffers (a few numbers per BatchNorm channel), only while skips are allowed.
@@ -469,30 +573,33 @@ def train_step(
         generator=generator,
     )
     loss = out["loss"]
-    # Every rank must agree before backward, or a rank that stops alone leaves the others hanging in the
-    # gradient all-reduce: reduce the loss once (one scalar, a host sync we need anyway for the check).
-    total = distributed.all_reduce_mean(loss.detach().float())
-    if not math.isfinite(total) and skip_nonfinite:
-        with torch.no_grad():
-            for buffer, before in zip(engine.module.buffers(), saved, strict=True):
-                buffer.copy_(before)
-        if engine.gradient_accumulation_steps() > 1:
-            # Keep DeepSpeed's accumulation boundary in line with ours, through its own backward (which
-            # all-reduces the gradients at the boundary): a loss of zero that touches every parameter adds
-            # a zero gradient (0 · p has gradient 0 even where p is not finite).
-            zero = torch.stack([p.sum() for p in engine.module.parameters() if p.requires_grad]).sum() * 0.0
-            engine.backward(zero)
-            engine.step()
-        return None
-    if not math.isfinite(total):
-        raise NonFiniteLossError(
-            f"the loss became non-finite ({total}) at step {step + 1}; stopping before the optimizer update. "
-            "Lower optim.lr, use engine.precision=fp32, check the input volumes, or allow a few skipped "
-            "steps with train.max_nonfinite_skips"
-        )
+    terms = torch.stack([out[k].detach().float() for k in LOSS_TERMS])
+    if skip_nonfinite:
+        # Every rank must agree before backward, or a rank that skips alone leaves the others hanging in the
+        # gradient all-reduce: reduce the loss now (a host sync per micro-batch, the price of skipping).
+        total = distributed.all_reduce_mean(loss.detach().float())
+        if not math.isfinite(total):
+            with torch.no_grad():
+                for buffer, before in zip(engine.module.buffers(), saved, strict=True):
+                    buffer.copy_(before)
+            if engine.gradient_accumulation_steps() > 1:
+                # Keep DeepSpeed's accumulation boundary in line with ours, through its own backward (which
+                # all-reduces the gradients at the boundary): a loss of zero that touches every parameter
+                # adds a zero gradient (0 · p has gradient 0 even where p is not finite).
+                zero = (
+                    torch.stack([p.sum() for p in engine.module.parameters() if p.requires_grad]).sum() * 0.0
+                )
+                engine.backward(zero)
+                engine.step()
+            return None
+    else:
+        guard.add(loss)
     engine.backward(loss)
+    if engine.is_gradient_accumulation_boundary():
+        # Every rank agrees before the update (a rank that stopped alone would leave the others hanging).
+        guard.check(step)
     engine.step()
-    return {k: float(out[k].detach()) for k in LOSS_TERMS}
+    return terms
 
 
 def configure_logging() -> None:

@@ -29,49 +29,57 @@ __all__ = [
 class MetricWindow:
     """The loss sums, step count and timing since the last log line.
 
-    The sums and counts are part of a checkpoint (:meth:`state_dict`), so a run resumed in the middle of a
-    window logs the same means as an uninterrupted one; the timing restarts with the process.
+    The sums stay on the device, in float64, until a log step reads them (:meth:`loss_means`), so the steps in
+    between never wait for it. They are part of a checkpoint (:meth:`state_dict`, as floats: exact), so a run
+    resumed in the middle of a window logs the same means as an uninterrupted one; the timing restarts with
+    the process.
 
     Args:
         terms: the objective's loss-term names (logged as ``loss/<name>``, ``loss`` as ``loss/total``).
         accum: micro-batches per optimizer step.
         state: a :meth:`state_dict` to continue from.
+        device: where the sums are kept (the device the loss terms come from).
     """
 
-    def __init__(self, terms: Sequence[str], accum: int, state: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        terms: Sequence[str],
+        accum: int,
+        state: dict[str, Any] | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.terms = tuple(terms)
         self.accum = accum
+        self.device = torch.device(device)
         self.reset()
         if state is not None:
-            self.sums = dict(state["sums"])
+            self.sums = torch.tensor(
+                [float(state["sums"][k]) for k in self.terms], dtype=torch.float64, device=self.device
+            )
             self.steps = int(state["steps"])
             # Micro-batches whose losses the sums hold (skipped non-finite ones are left out of the means).
             self.micro = int(state.get("micro", self.steps * accum))
 
     def reset(self) -> None:
         """Start a new window now."""
-        self.sums = dict.fromkeys(self.terms, 0.0)
+        self.sums = torch.zeros(len(self.terms), dtype=torch.float64, device=self.device)
         self.steps = 0
         self.micro = 0
         self.wait_s = 0.0
         self.t0 = time.perf_counter()
 
-    def add(self, terms: dict[str, float]) -> None:
-        """Count one micro-batch's loss terms."""
+    def add(self, terms: torch.Tensor) -> None:
+        """Count one micro-batch's loss terms: a (len(terms),) tensor in ``terms`` order (not read here)."""
         self.micro += 1
-        for k in self.terms:
-            self.sums[k] += terms[k] / self.accum
+        self.sums += terms.detach().to(torch.float64) / self.accum
 
     def loss_means(self) -> dict[str, float]:
         """``loss/<term>``: the window's mean per optimizer step, averaged over ranks (a collective: call on
-        every rank). NaN when every micro-batch of the window was skipped."""
+        every rank; it waits for the device). NaN when every micro-batch of the window was skipped."""
         counted = self.micro / self.accum
-        return {
-            f"loss/{'total' if k == 'loss' else k}": distributed.all_reduce_mean(
-                v / counted if counted else math.nan
-            )
-            for k, v in self.sums.items()
-        }
+        means = self.sums / counted if counted else torch.full_like(self.sums, math.nan)
+        values = distributed.reduce_to_host(means, mean=True)
+        return {f"loss/{'total' if k == 'loss' else k}": v for k, v in zip(self.terms, values, strict=True)}
 
     def throughput(self, samples_per_step: int, flops_per_sample: float, world: int) -> dict[str, float]:
         """``perf/*`` and ``memory/peak_gib`` over the window's wall time."""
@@ -88,7 +96,11 @@ class MetricWindow:
 
     def state_dict(self) -> dict[str, Any]:
         """The part a checkpoint keeps: ``steps``, ``micro`` and ``sums``."""
-        return {"steps": self.steps, "micro": self.micro, "sums": dict(self.sums)}
+        return {
+            "steps": self.steps,
+            "micro": self.micro,
+            "sums": dict(zip(self.terms, self.sums.tolist(), strict=True)),
+        }
 
 
 class SampleKeyLog:

@@ -73,11 +73,12 @@ def test_config_defaults_are_the_paper() -> None:
         ("objective.weights.global=-1", "objective.weights.global", "must be >= 0"),
         ("objective.weights.globl=1", "objective.weights.globl", "unknown key"),
         ("objective.restore_views=[3]", "objective.restore_views", "must be [1], [2] or [1, 2]"),
-        ("engine.precision=fp8", "engine.precision", "fp32, bf16 or fp16"),
+        ("engine.precision=fp8", "engine.precision", "fp32, bf16, fp16 or auto"),
         ("views.global_size=[30,32,16]", "views.global_size", "divisible by 8"),
         ("views.global_size=[32,32]", "views.global_size", "expected 3 values"),
         ("model.norm=layer", "model.norm", "batch, sync_batch, group or instance"),
         ("tracking.enabled=maybe", "tracking.enabled", "true or false"),
+        ("engine.compile=maybe", "engine.compile", "true or false"),
         ("run=3", "run", "expected a mapping"),
     ],
 )
@@ -87,6 +88,14 @@ def test_config_errors_name_the_key(override: str, key: str, phrase: str) -> Non
         load_config(None, [override])
     assert str(err.value).startswith(key), str(err.value)
     assert phrase in str(err.value)
+
+
+def test_config_compile_refuses_activation_checkpointing() -> None:
+    """torch.compile cannot trace the decoder's checkpointing (its context keeps BatchNorm statistics from
+    counting twice): the combination is refused at load, naming both keys, not at the first step."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["engine.compile=true", "model.activation_checkpointing=true"])
+    assert str(err.value).startswith("engine.compile") and "model.activation_checkpointing" in str(err.value)
 
 
 def _choice_keys(schema: type, prefix: str = "") -> list[tuple[str, tuple[object, ...]]]:

@@ -168,3 +168,34 @@ def test_preemption_then_sigkill_two_processes_is_bitwise_exact(sample_shards: P
     assert [r["data"]["rank"] for r in state["ranks"]] == [0, 1]
     assert state["ranks"][0]["generator"].tolist() != state["ranks"][1]["generator"].tolist()
     assert json.loads((run_dir / "checkpoints/step_00000010/manifest.json").read_text())["files"]
+
+
+def test_resume_with_compile_is_bitwise_exact_and_never_recompiles(
+    sample_shards: Path, tmp_path: Path
+) -> None:
+    """``engine.compile=true``, one process: SIGKILL after the step-6 checkpoint, relaunch (which compiles
+    again, from torch's cache), and the run must end bitwise equal to an uninterrupted compiled run. Every
+    log step of both runs reports the same three graphs (view 1, view 2 without its restoration, the local
+    views): a recompile for another scale draw, or any other, shows as more. Pins a compiled model whose
+    state-dict keys, checkpoints or arithmetic differ between launches."""
+    reference, run_dir = tmp_path / "reference", tmp_path / "cut"
+    compiled = "engine.compile=true"
+    ref_args = (1, [*_overrides(sample_shards, tmp_path, "reference"), compiled], tmp_path / "reference.log")
+    ref = _start(*ref_args)
+
+    log = tmp_path / "cut.log"
+    cut = [*_overrides(sample_shards, tmp_path, "cut"), compiled]
+    proc = _start(1, cut, log)
+    wait_for("the kill point", lambda: _latest_step(run_dir) >= 6, proc, log, timeout_s=900)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = _latest_step(run_dir)
+    assert killed_at < STEPS, "the run finished before it could be killed"
+
+    _run(1, cut, log)
+    _run(*ref_args, proc=ref)
+    assert f"resuming {run_dir} from step {killed_at}" in log.read_text()
+    assert "compile on" in log.read_text()
+    _assert_same_run(run_dir, reference)
+    for folder in (run_dir, reference):
+        assert {r["compile/graphs"] for r in read_records(folder)} == {3.0}, folder
