@@ -38,6 +38,11 @@ def _no_leftover_process_group() -> Iterator[None]:
     yield
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+        # DeepSpeed keeps its clone of the world group in a module global; after the group is destroyed the
+        # next in-process train() would broadcast over the dead clone ("Group ... is not registered").
+        import deepspeed.utils.groups
+
+        deepspeed.utils.groups._WORLD_GROUP = None
 
 
 def _mapped_shm() -> set[str]:
