@@ -24,7 +24,7 @@ from data_prep.prepare import FORMAT_VERSION
 from data_prep.qa import QA_NAME
 from data_prep.zarr_writer import STORE_NAME
 from pcrl.io import write_atomic
-from pcrl.shards import MANIFEST_NAME
+from pcrl.shards import MANIFEST_NAME, SUMMARY_NAME
 
 __all__ = [
     "JOURNAL_NAME",
@@ -42,7 +42,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 REJECTS_NAME = "rejects.jsonl"
-SUMMARY_NAME = "summary.json"
 SHARD_PATTERN = "shard-{:06d}.tar"
 JOURNAL_NAME = "journal.jsonl"
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pcrl.io import write_atomic
-from pcrl.shards import CT_HU_RANGE, UNKNOWN, SampleRecord, provenance_totals
+from pcrl.shards import CT_HU_RANGE, SUMMARY_NAME, UNKNOWN, SampleRecord, provenance_totals
 
 if TYPE_CHECKING:
     from pcrl.config import PretrainConfig
@@ -40,8 +40,6 @@ __all__ = [
 
 DATA_PROVENANCE = "data_provenance.json"
 PROVENANCE_FORMAT = "pcrl-data-provenance/1"
-# data_prep.writer.SUMMARY_NAME: pcrl reads the shard contract only, never imports data_prep.
-_SUMMARY = "summary.json"
 
 
 def _intensity(cfg: PretrainConfig) -> dict[str, Any]:
@@ -51,7 +49,7 @@ def _intensity(cfg: PretrainConfig) -> dict[str, Any]:
 def _fingerprint(folder: Path) -> str | None:
     """The job fingerprint in a shard folder's ``summary.json`` (None when it cannot be read)."""
     try:
-        summary = json.loads((folder / _SUMMARY).read_text(encoding="utf-8"))
+        summary = json.loads((folder / SUMMARY_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     value = summary.get("fingerprint") if isinstance(summary, dict) else None

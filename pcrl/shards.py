@@ -47,6 +47,7 @@ __all__ = [
     "META_SUFFIX",
     "PROVENANCE_KEYS",
     "SPLITS",
+    "SUMMARY_NAME",
     "UNKNOWN",
     "ZSTD_LEVEL",
     "SampleRecord",
@@ -69,6 +70,8 @@ logger = logging.getLogger(__name__)
 # --- file names and the sample encoding -------------------------------------------------------------
 
 MANIFEST_NAME = "manifest.jsonl"
+# data_prep's job summary beside the manifest (counts, provenance totals, the job fingerprint).
+SUMMARY_NAME = "summary.json"
 IMAGE_SUFFIX = "image.npy.zst"
 META_SUFFIX = "meta.json"
 CT_HU_RANGE = (-1024, 3071)
