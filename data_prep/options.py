@@ -15,7 +15,10 @@ import numpy as np
 from data_prep.readers import DEFAULT_MAX_VOXELS
 from pcrl.shards import SPLITS, provenance_text
 
-__all__ = ["ShardOptions", "parse_splits"]
+__all__ = ["DEFAULT_COMPRESSION_LEVEL", "ShardOptions", "parse_splits"]
+
+DEFAULT_COMPRESSION_LEVEL = 1
+"""Level 1 compresses about twice as fast as level 3 for 15 % more bytes (docs/benchmarks.md)."""
 
 
 def parse_splits(text: str) -> dict[str, float]:
@@ -77,6 +80,9 @@ class ShardOptions:
     """Salt of the patient-id hash (stored ids and split assignment)."""
     format: str = "webdataset"
     """``webdataset`` (tar shards) or ``zarr`` (a Zarr v3 store, one array per volume)."""
+    compression_level: int = DEFAULT_COMPRESSION_LEVEL
+    """zstd level of the WebDataset samples, and of the Blosc-zstd chunks of a Zarr store (1 to 9; any level
+    reads the same way). Higher levels store less and prepare more slowly: docs/data.md#throughput."""
     series_gaps: str = "reject"
     """A DICOM series with a missing slice or uneven spacing: ``reject`` it, or ``split`` it into its evenly
     spaced runs (each its own volume)."""
@@ -122,6 +128,10 @@ class ShardOptions:
             raise ValueError(f"series_gaps must be reject or split, got {self.series_gaps!r}")
         if self.take_volume is not None and self.take_volume < 0:
             raise ValueError(f"take_volume must be >= 0, got {self.take_volume}")
+        if not isinstance(self.compression_level, int) or not 1 <= self.compression_level <= 9:
+            raise ValueError(
+                f"compression_level must be an integer from 1 to 9, got {self.compression_level!r}"
+            )
         if self.format not in ("webdataset", "zarr"):
             raise ValueError(f"format must be webdataset or zarr, got {self.format!r}")
         if self.data_source is not None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -46,10 +48,12 @@ class WorkerDied(PoolError):
 
 
 def _init_worker() -> None:
+    import numcodecs.blosc
     import torch
 
-    # One process per core already; intra-op threads would oversubscribe.
+    # One process per core already; intra-op (and Blosc's) threads would oversubscribe.
     torch.set_num_threads(1)
+    numcodecs.blosc.use_threads = False
 
 
 class Pool:
@@ -71,10 +75,18 @@ class Pool:
         self._executor: ProcessPoolExecutor | None = None
         self._ray_started = False
         self._ray_remote: Any = None
+        self._starting: threading.Thread | None = None
+        self._start_error: BaseException | None = None
 
     @property
     def parallel(self) -> bool:
         return self.ray is not None or self.workers > 1
+
+    @property
+    def shares_disk(self) -> bool:
+        """Whether the work runs on this machine (in this process, local processes, or a private Ray
+        instance), so that a worker can write files for this process to move."""
+        return self.ray in (None, "local")
 
     @property
     def backend(self) -> str:
@@ -86,6 +98,48 @@ class Pool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def start(self) -> None:
+        """Start the local worker processes in the background (the forkserver imports torch and the readers
+        once, a second or two), so that the start overlaps whatever this process does next, such as listing
+        the inputs. :meth:`map` waits for it; :meth:`wait_started` says how long it had to. No-op for Ray and
+        for work in this process."""
+        if (
+            self.ray is not None
+            or not self.parallel
+            or self._starting is not None
+            or self._executor is not None
+        ):
+            return
+
+        def warm() -> None:
+            try:
+                self._local()
+                assert self._executor is not None
+                # One short task per worker: each submit spawns a worker while none is idle yet.
+                for future in [self._executor.submit(_ready) for _ in range(self.workers)]:
+                    future.result()
+            except BaseException as e:  # reported by map(), where the work needs the pool
+                self._start_error = e
+
+        self._starting = threading.Thread(target=warm, name="pool-start", daemon=True)
+        self._starting.start()
+
+    def wait_started(self) -> float:
+        """Wait for :meth:`start` to finish; the seconds waited."""
+        if self._starting is None:
+            return 0.0
+        began = time.perf_counter()
+        self._starting.join()
+        self._starting = None
+        if self._start_error is not None:
+            logger.debug("starting the workers failed: %r", self._start_error)
+            self._start_error = None
+            # map() starts the pool again and reports a failure where it happens.
+            if self._executor is not None:
+                self._executor.shutdown(wait=False, cancel_futures=True)
+                self._executor = None
+        return time.perf_counter() - began
 
     def map(
         self,
@@ -111,6 +165,7 @@ class Pool:
             for a in args:
                 yield fn(*a)
             return
+        self.wait_started()
         submit, result = self._ray() if self.ray is not None else self._local()
         window = window or 2 * self._slots()
         pending: deque[tuple[tuple[Any, ...], Any]] = deque()
@@ -224,6 +279,7 @@ class Pool:
 
     def close(self) -> None:
         """Stop the process pool, and the Ray instance if this pool started or joined it."""
+        self.wait_started()
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
@@ -233,6 +289,10 @@ class Pool:
             ray.shutdown()
             self._ray_started = False
         self._ray_remote = None
+
+
+def _ready() -> None:
+    time.sleep(0.02)  # long enough that the next submit finds this worker busy and starts another
 
 
 def _call(fn: Callable[..., Any], a: tuple[Any, ...]) -> Any:

@@ -11,12 +11,12 @@ assigned from the hash, so that raw ids never leave the worker.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,9 @@ from data_prep.discover import InputSeries, Item, Rejected
 from data_prep.options import ShardOptions
 from data_prep.provenance import Provenance
 from data_prep.readers import RawVolume, RejectedInput, check_voxels, load_volume, volume_suffix
+from data_prep.timing import Stopwatch
 from data_prep.zarr_writer import encode_array
-from pcrl.shards import CT_HU_RANGE, PROVENANCE_KEYS, encode_volume
+from pcrl.shards import CT_HU_RANGE, PROVENANCE_KEYS, compress_volume, npy_sha256
 
 __all__ = [
     "CT_MIN_HU",
@@ -109,8 +110,11 @@ def resample(
     """Trilinear resampling on the same axes to voxel size ``target``, keeping the field of view centred.
 
     Output voxel ``i`` samples input index ``(i + 0.5)·r - 0.5`` with ``r = target / spacing`` (edge voxels
-    are replicated: ``align_corners=False``), and there are :func:`output_shape` voxels per axis. Memory:
-    one float32 copy of the input plus the output.
+    are replicated, as ``F.interpolate(..., align_corners=False)`` does), and there are :func:`output_shape`
+    voxels per axis. Trilinear interpolation is linear interpolation along each axis in turn
+    (:func:`_linear_axis`): the axes that shrink go first and the one that grows most goes last, so each pass
+    works on the smallest array it can, about half the time of one trilinear kernel over the output. Memory:
+    one float32 copy of the input, the output and one temporary of the largest intermediate.
 
     Args:
         array: (X, Y, Z) voxels.
@@ -119,26 +123,49 @@ def resample(
         target: wanted voxel size per axis (mm).
 
     Returns:
-        (X', Y', Z') float32 array and its (4, 4) affine.
+        A new (X', Y', Z') float32 array (never a view of ``array``) and its (4, 4) affine.
     """
     import torch
-    import torch.nn.functional as F
 
     sizes = output_shape(array.shape, spacing, target)
     scales = [
         _interpolate_scale(n, s, t, m) for n, s, t, m in zip(array.shape, spacing, target, sizes, strict=True)
     ]
-    x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-    if any(abs(s - 1.0) > 1e-9 for s in scales):
-        # recompute_scale_factor=False: the kernel steps exactly 1/scale input voxels per output voxel.
-        x = F.interpolate(x[None, None], scale_factor=scales, mode="trilinear", align_corners=False,
-                          recompute_scale_factor=False)[0, 0]  # fmt: skip
+    # A new array even where nothing is resampled: callers may overwrite the result (intensity_policy).
+    x = torch.from_numpy(np.array(array, dtype=np.float32, order="C", copy=True))
+    for axis in sorted(range(3), key=lambda a: (scales[a], a)):
+        if abs(scales[axis] - 1.0) > 1e-9:
+            x = _linear_axis(x, axis, scales[axis], sizes[axis])
     assert list(x.shape) == sizes, (list(x.shape), sizes, scales)
     ratios = [1.0 / s for s in scales]
     step = np.eye(4)
     step[:3, :3] = np.diag(ratios)
     step[:3, 3] = [0.5 * r - 0.5 for r in ratios]
     return x.numpy(), affine @ step
+
+
+def _linear_axis(x: Any, axis: int, scale: float, size: int) -> Any:
+    """Linear interpolation of the (X, Y, Z) float32 tensor ``x`` along ``axis`` to ``size`` voxels: output
+    voxel ``i`` is input index ``max(0, (i + 0.5) / scale - 0.5)``, the next voxel clamped to the last."""
+    import torch
+    import torch.nn.functional as F
+
+    n = x.shape[axis]
+    if axis == 2:  # the contiguous axis: one 1-D kernel over every row
+        rows = x.reshape(1, -1, n)
+        out = F.interpolate(
+            rows, scale_factor=scale, mode="linear", align_corners=False, recompute_scale_factor=False
+        )
+        return out.reshape(x.shape[0], x.shape[1], size)
+    source = np.maximum((np.arange(size, dtype=np.float64) + 0.5) / scale - 0.5, 0.0)
+    lo = np.minimum(np.floor(source).astype(np.int64), n - 1)
+    hi = np.minimum(lo + 1, n - 1)
+    weight = torch.from_numpy((source - lo).astype(np.float32)).reshape(
+        [-1 if a == axis else 1 for a in range(3)]
+    )
+    # Whole planes are gathered (contiguous copies), then blended in place: lo + weight * (hi - lo).
+    below = x.index_select(axis, torch.from_numpy(lo))
+    return below.lerp_(x.index_select(axis, torch.from_numpy(hi)), weight)
 
 
 def detect_modality(raw: RawVolume, override: str) -> tuple[str, str]:
@@ -168,7 +195,8 @@ def intensity_policy(volume: np.ndarray, modality: str) -> tuple[np.ndarray, dic
     of the volume mapped to [0, 1] and clipped, float16.
 
     Args:
-        volume: (X, Y, Z) voxels (CT in HU; MR in scanner units).
+        volume: (X, Y, Z) float32 voxels (CT in HU; MR in scanner units); overwritten (it is scratch space:
+            one pass over it in place instead of a temporary copy per operation).
         modality: ``ct`` or ``mr``.
 
     Returns:
@@ -177,14 +205,21 @@ def intensity_policy(volume: np.ndarray, modality: str) -> tuple[np.ndarray, dic
     Raises:
         RejectedInput: an MR volume whose two percentiles are equal (constant intensity).
     """
+    if volume.dtype != np.float32:
+        raise TypeError(f"intensity_policy takes the float32 volume of resample(), not {volume.dtype}")
     if modality == "ct":
         lo, hi = CT_HU_RANGE
-        stored = np.clip(np.rint(volume), lo, hi).astype(np.int16)
-        return stored, {"kind": "ct_hu", "clip_hu": [lo, hi], "dtype": "int16"}
+        np.rint(volume, out=volume)
+        np.clip(volume, lo, hi, out=volume)
+        return volume.astype(np.int16), {"kind": "ct_hu", "clip_hu": [lo, hi], "dtype": "int16"}
     p_lo, p_hi = (float(v) for v in np.percentile(volume, MR_PERCENTILES))
     if not p_hi > p_lo:
         raise RejectedInput(f"constant intensity: percentiles {list(MR_PERCENTILES)} are both {p_lo:g}")
-    stored = np.clip((volume - p_lo) / (p_hi - p_lo), 0.0, 1.0).astype(np.float16)
+    # The same float32 operations as (volume - p_lo) / (p_hi - p_lo), done in place.
+    np.subtract(volume, np.float32(p_lo), out=volume)
+    np.divide(volume, np.float32(p_hi - p_lo), out=volume)
+    np.clip(volume, 0.0, 1.0, out=volume)
+    stored = volume.astype(np.float16)
     policy = {
         "kind": "mr_percentile",
         "percentiles": list(MR_PERCENTILES),
@@ -206,19 +241,44 @@ class Prepared:
     meta: bytes
     info: dict[str, Any]
     zarr_files: dict[str, bytes] | None = None
-    """Zarr: path inside the array folder → bytes (``zarr.json`` and compressed chunks)."""
+    """Zarr: path inside the array folder → bytes (``zarr.json`` and compressed chunks); ``None`` when staged."""
+    staged: str = ""
+    """Where the worker wrote the image (WebDataset: a file of the ``.npy.zst`` bytes; Zarr: the array's
+    folder) when it was given a staging folder; ``""`` when the bytes travel in this object instead."""
+    staged_bytes: int = 0
+    """Bytes of what was staged (the image file, or every file of the Zarr array)."""
+    staged_files: tuple[str, ...] = ()
+    """Zarr, staged: the paths inside the array folder, as the keys of :attr:`zarr_files` were."""
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Seconds per stage of preparing it (:data:`data_prep.timing.VOLUME_STAGES`), for ``summary.json``."""
 
 
 def prepare_volume(
-    index: int, item: Item, options: ShardOptions, provenance: Provenance | None = None
+    index: int,
+    item: Item,
+    options: ShardOptions,
+    provenance: Provenance | None = None,
+    staging: str | None = None,
 ) -> Prepared | Rejected:
     """Read, reorient, resample and encode one input; never raises for a bad input (returns Rejected).
 
     ``provenance`` (:func:`data_prep.provenance.item_provenance`; ``None``: unknown) goes into the sample's
-    metadata and its manifest facts as ``data_source`` and ``license``.
+    metadata and its manifest facts as ``data_source`` and ``license``. The seconds of each stage
+    (:data:`data_prep.timing.VOLUME_STAGES`) come back in :attr:`Prepared.seconds`.
+
+    With ``staging`` (a folder on the output's file system, for workers on the writer's machine), the
+    compressed image (or the Zarr array's files) is written there as ``<index>`` and only its path comes
+    back (:attr:`Prepared.staged`): the parent moves it into place instead of receiving, unpickling and
+    writing the bytes, which keeps its serial work per volume small.
     """
     try:
-        return _prepare(index, item, options, provenance or Provenance())
+        with Stopwatch().active() as watch:
+            prepared = _prepare(index, item, options, provenance or Provenance(), watch)
+            if staging is not None:
+                with watch.time("stage"):
+                    _stage(prepared, Path(staging) / str(index))
+        prepared.seconds = watch.rounded(6)
+        return prepared
     except RejectedInput as e:
         return Rejected(index, item.source, str(item.path), str(e))
     except MemoryError:
@@ -234,6 +294,32 @@ def prepare_volume(
         return Rejected(index, item.source, str(item.path), f"unexpected error: {type(e).__name__}: {e}")
 
 
+def _stage(prepared: Prepared, target: Path) -> None:
+    """Write the image (or the Zarr array's files) of ``prepared`` to ``target`` and drop the bytes."""
+    if prepared.zarr_files is not None:
+        folders: set[Path] = set()
+        for name, data in prepared.zarr_files.items():
+            path = target / name
+            if path.parent not in folders:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                folders.add(path.parent)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+        prepared.staged_bytes = sum(len(data) for data in prepared.zarr_files.values())
+        prepared.staged_files = tuple(prepared.zarr_files)
+        prepared.zarr_files = None
+    else:
+        target.write_bytes(prepared.image)
+        prepared.staged_bytes = len(prepared.image)
+        prepared.image = b""
+    prepared.staged = str(target)
+
+
 def _load(item: Item, options: ShardOptions) -> RawVolume:
     if isinstance(item, InputSeries):
         return load_dicom(item.paths, max_voxels=options.max_voxels)
@@ -242,11 +328,15 @@ def _load(item: Item, options: ShardOptions) -> RawVolume:
     return load_volume(item.path, take_volume=options.take_volume, max_voxels=options.max_voxels)
 
 
-def _prepare(index: int, item: Item, options: ShardOptions, provenance: Provenance) -> Prepared:
-    raw = _load(item, options)
+def _prepare(
+    index: int, item: Item, options: ShardOptions, provenance: Provenance, watch: Stopwatch
+) -> Prepared:
+    with watch.time("read"):  # less its "reorient" part, which the reader marks (data_prep.readers.finalize)
+        raw = _load(item, options)
     source_shape = [int(n) for n in raw.array.shape]
     source_spacing = [round(s, 6) for s in raw.spacing]
-    modality, modality_source = detect_modality(raw, options.modality)
+    with watch.time("intensity"):
+        modality, modality_source = detect_modality(raw, options.modality)
     out_shape = output_shape(source_shape, raw.spacing, options.spacing)
     check_voxels(out_shape, options.max_voxels, f"after resampling to {list(options.spacing)} mm,")
     if any(n < m for n, m in zip(out_shape, options.min_size, strict=True)):
@@ -254,28 +344,32 @@ def _prepare(index: int, item: Item, options: ShardOptions, provenance: Provenan
             f"too small after resampling to {list(options.spacing)} mm: shape {out_shape} < minimum "
             f"{list(options.min_size)} (lower --min-size to keep it)"
         )
-    volume, affine = resample(raw.array, raw.affine, raw.spacing, options.spacing)
+    with watch.time("resample"):
+        volume, affine = resample(raw.array, raw.affine, raw.spacing, options.spacing)
     del raw.array
     crop: dict[str, Any] | None = None
-    if options.crop_body:
-        start, size, crop = body_box(volume, modality, options.spacing, options.min_size)
-        volume = np.ascontiguousarray(
-            volume[tuple(slice(a, a + n) for a, n in zip(start, size, strict=True))]
-        )
-        shift = np.eye(4)
-        shift[:3, 3] = start
-        affine = affine @ shift
-    stored, policy = intensity_policy(volume, modality)
+    with watch.time("intensity"):
+        if options.crop_body:
+            start, size, crop = body_box(volume, modality, options.spacing, options.min_size)
+            volume = np.ascontiguousarray(
+                volume[tuple(slice(a, a + n) for a, n in zip(start, size, strict=True))]
+            )
+            shift = np.eye(4)
+            shift[:3, 3] = start
+            affine = affine @ shift
+        stored, policy = intensity_policy(volume, modality)
     del volume
+    with watch.time("encode"):
+        # The key and checksum of both formats come from the same .npy bytes: same volume, same key.
+        digest = npy_sha256(stored)
+        key = digest[:16]
     if options.format == "zarr":
-        buf = io.BytesIO()
-        np.lib.format.write_array(buf, np.ascontiguousarray(stored), version=(1, 0), allow_pickle=False)
-        checksum = hashlib.sha256(buf.getvalue()).hexdigest()  # of the .npy bytes, as pcrl.shards verifies it
-        del buf
-        image, key = b"", checksum[:16]  # the key of encode_volume: same volume, same key in both formats
+        image, checksum = b"", digest  # Zarr's checksum is of the .npy bytes, as pcrl.shards verifies it
     else:
-        image, key = encode_volume(stored)
-        checksum = hashlib.sha256(image).hexdigest()
+        with watch.time("compress"):
+            image = compress_volume(stored, options.compression_level)
+        with watch.time("encode"):
+            checksum = hashlib.sha256(image).hexdigest()
     spacing = [float(round(v, 6)) for v in np.linalg.norm(affine[:3, :3], axis=0)]
     patient = patient_hash(patient_id(item), options.salt)
     split = assign_split(patient, options.splits)
@@ -310,5 +404,10 @@ def _prepare(index: int, item: Item, options: ShardOptions, provenance: Provenan
     info = {k: meta[k] for k in facts}
     info["files"] = len(item.paths) if isinstance(item, InputSeries) else 1
     info["checksum"] = "sha256:" + checksum
-    files = encode_array(stored, meta) if options.format == "zarr" else None
-    return Prepared(index, key, image, json.dumps(meta, sort_keys=True).encode(), info, files)
+    files = None
+    if options.format == "zarr":
+        with watch.time("compress"):
+            files = encode_array(stored, meta, options.compression_level)
+    with watch.time("encode"):
+        meta_bytes = json.dumps(meta, sort_keys=True).encode()
+    return Prepared(index, key, image, meta_bytes, info, files)

@@ -26,6 +26,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from data_prep.timing import stage
+
 __all__ = [
     "DEFAULT_MAX_VOXELS",
     "MAX_NIFTI_HEADER_BYTES",
@@ -214,7 +216,8 @@ def finalize(
     elif array.dtype.kind not in "iub":
         raise RejectedInput(f"unsupported voxel type {array.dtype} (expected integer or float scalars)")
     header["source_orientation"] = "".join(_axcodes(affine))
-    array, affine = canonicalize(array, affine)
+    with stage("reorient"):
+        array, affine = canonicalize(array, affine)
     return RawVolume(
         array=array, affine=affine, stored_dtype=stored_dtype, modality_hint=modality_hint, header=header
     )

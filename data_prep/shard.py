@@ -42,6 +42,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -50,12 +51,14 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.discover import Discovery, InputSeries, Item, Rejected, find_inputs, list_files
-from data_prep.options import ShardOptions, parse_splits
+from data_prep.options import DEFAULT_COMPRESSION_LEVEL, ShardOptions, parse_splits
 from data_prep.pool import Pool, PoolError
 from data_prep.prepare import Prepared, prepare_volume
 from data_prep.provenance import Provenance, find_source_files, item_provenance
 from data_prep.qa import QA_NAME, write_qa_sheet
+from data_prep.qa import preload as qa_preload
 from data_prep.readers import DEFAULT_MAX_VOXELS
+from data_prep.timing import Stopwatch
 from data_prep.writer import (
     JOURNAL_NAME,
     REJECTS_NAME,
@@ -85,6 +88,9 @@ __all__ = ["ShardOptions", "Summary", "fingerprint", "main", "shard_volumes"]
 logger = logging.getLogger(__name__)
 
 
+STAGING_NAME = "prepared.tmp"
+"""Beside the output: what local workers prepared, until the parent moves it into a shard or the store."""
+
 _RUN_ONLY_OPTIONS = ("workers", "ray", "progress", "overwrite", "max_reject_fraction")
 
 
@@ -109,6 +115,8 @@ def fingerprint(
     options["splits"] = {k: float(v) for k, v in opts.splits.items()}
     if not opts.crop_body:
         del options["crop_body"]  # added later: jobs without it keep the fingerprint they had
+    if opts.compression_level == DEFAULT_COMPRESSION_LEVEL:
+        del options["compression_level"]  # added later (any level reads the same): the same job as before
     h.update(json.dumps(options, sort_keys=True, default=str).encode())
     for path in sorted(paths, key=str):
         st = path.stat()
@@ -129,16 +137,23 @@ def _versions() -> dict[str, str]:
 
 
 def _results(
-    items: Sequence[Item], options: ShardOptions, pool: Pool, provenance: Sequence[Provenance], start: int = 0
+    items: Sequence[Item],
+    options: ShardOptions,
+    pool: Pool,
+    provenance: Sequence[Provenance],
+    start: int = 0,
+    staging: Path | None = None,
 ) -> Iterator[Prepared | Rejected]:
     """Prepared volumes ``start, start + 1, ...`` in input order, from the pool's workers (at most twice as
-    many volumes in flight as workers: memory stays bounded by a few volumes, not by the dataset)."""
+    many volumes in flight as workers: memory stays bounded by a few volumes, not by the dataset). With
+    ``staging``, the workers write their results there (:func:`~data_prep.prepare.prepare_volume`)."""
 
     def died(args: tuple[Any, ...], reason: str) -> Rejected:
         index, item = args[:2]
         return Rejected(index, item.source, str(item.path), reason)
 
-    tasks = ((i, items[i], options, provenance[i]) for i in range(start, len(items)))
+    where = None if staging is None else str(staging)
+    tasks = ((i, items[i], options, provenance[i], where) for i in range(start, len(items)))
     yield from pool.map(prepare_volume, tasks, failed=died)
 
 
@@ -176,6 +191,8 @@ class _Job:
     """Of the input files and options (:func:`fingerprint`): the resume check's and ``summary.json``'s."""
     sources: Mapping[Path, Mapping[str, str]]
     """The ``SOURCE.json`` declarations that apply to the inputs (folder → declarations)."""
+    start_seconds: float = 0.0
+    """Spent in :func:`_start` (the job's ``start`` stage)."""
 
 
 def _start(inputs: Sequence[Path], output: Path, opts: ShardOptions, pool: Pool) -> _Job:
@@ -184,35 +201,65 @@ def _start(inputs: Sequence[Path], output: Path, opts: ShardOptions, pool: Pool)
     A folder that already holds this job's complete output is recognised from the file listing alone,
     before any DICOM header is read (a no-op re-run of millions of DICOM files reads none of them).
     """
+    began = time.perf_counter()
     files = list_files(inputs, opts.exclude)
     sources = find_source_files(files)  # a malformed SOURCE.json stops the job here, before any work
     job = fingerprint([f.path for f in files], opts, sources)
     if not opts.overwrite and (done := completed_summary(output, job)) is not None:
         return _Job(inputs, output, opts, Discovery([], [], []), Resume(done=done), job, sources)
+    pool.start()  # there is work: the workers start while the inputs are checked
     found = find_inputs(inputs, opts.exclude, opts.series_gaps == "split", pool, files, opts.max_voxels)
     resume = prepare_output(output, opts.overwrite, job)
-    return _Job(inputs, output, opts, found, resume, job, sources)
+    return _Job(inputs, output, opts, found, resume, job, sources, time.perf_counter() - began)
 
 
 def _reject_line(r: Rejected, files: int = 1, **extra: Any) -> str:
     return json.dumps({"source": r.source, "path": r.path, "reason": r.reason, "files": files, **extra})
 
 
-def _add_to_zarr(store: ZarrWriter, result: Prepared) -> dict[str, Any]:
-    """Write a prepared volume's Zarr array (compressed by the worker); its manifest line (``checksum``:
-    sha256 of the ``.npy`` bytes, whose first 16 hex digits are the key)."""
-    assert result.zarr_files is not None
+def _take(
+    result: Prepared | Rejected,
+    items: Sequence[Item],
+    seen: dict[str, str],
+    rejects: list[str],
+    journal: Journal,
+) -> dict[str, Any] | None:
+    """The manifest facts of a prepared volume, or ``None`` for a reject (or a duplicate of an earlier volume),
+    which goes to ``rejects`` and the journal with its reason."""
+    if isinstance(result, Prepared) and result.key in seen:
+        result = Rejected(
+            result.index, result.info["source"], str(items[result.index].path),
+            f"duplicate: same voxels as {seen[result.key]} (key {result.key})",
+        )  # fmt: skip
+    if isinstance(result, Rejected):
+        item = items[result.index]
+        rejects.append(_reject_line(result, len(item.paths) if isinstance(item, InputSeries) else 1))
+        journal.pending.append({"index": result.index, "reject": json.loads(rejects[-1])})
+        logger.info("rejected %s: %s", result.path, result.reason)
+        return None
+    seen[result.key] = result.info["source"]
     info = result.info
-    name, size = store.add(result.key, result.zarr_files)
-    line = {
-        "key": result.key, "shard": name, "offset": 0, "size": size, "meta_offset": 0, "meta_size": 0,
-        "shape": info["shape"], "spacing": info["spacing"], "modality": info["modality"], "dtype": info["dtype"],
-        "split": info["split"], "checksum": info["checksum"], "source": info["source"],
-        "data_source": info["data_source"], "license": info["license"],
-        "patient": info["patient"], "files": info["files"], "format": "zarr",
+    return {
+        "key": result.key, "shape": info["shape"], "spacing": info["spacing"], "modality": info["modality"],
+        "dtype": info["dtype"], "split": info["split"], "checksum": info["checksum"], "source": info["source"],
+        "data_source": info["data_source"], "license": info["license"], "patient": info["patient"],
+        "files": info["files"],
     }  # fmt: skip
-    assert set(MANIFEST_KEYS) <= set(line)
-    return line
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _tar_fields(shard: str, offsets: Mapping[str, tuple[int, int]]) -> dict[str, Any]:
+    """Where a sample's two members are in its tar shard."""
+    return {
+        "shard": shard, "offset": offsets[IMAGE_SUFFIX][0], "size": offsets[IMAGE_SUFFIX][1],
+        "meta_offset": offsets[META_SUFFIX][0], "meta_size": offsets[META_SUFFIX][1],
+    }  # fmt: skip
 
 
 def _run(job: _Job, pool: Pool) -> Summary:
@@ -258,64 +305,84 @@ def _run(job: _Job, pool: Pool) -> Summary:
     writer = ShardWriter(output, int(opts.shard_size_mb * 2**20), done=resume.shards)
     store = ZarrWriter(output) if opts.format == "zarr" else None
     journal = Journal(output / JOURNAL_NAME, summary.fingerprint, resumed=bool(resume.entries))
+    # Workers on this machine write what they prepared beside the output; the parent only moves it in place.
+    staging = output / STAGING_NAME if pool.parallel and pool.shares_disk else None
+    if staging is not None:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+    job_watch, parent, volumes = Stopwatch(), Stopwatch(), Stopwatch()
+    job_watch.add("start", job.start_seconds)
+    if pool.parallel and pool.backend == "processes":
+        # The workers are starting (the forkserver imports torch): meanwhile, the import the QA sheet needs.
+        with job_watch.time("qa_sheet"):
+            qa_preload()
+    job_watch.add("pool_start", pool.wait_started())
     # tqdm shows volumes/s and the ETA; the back end says where the volumes are prepared.
     bar = tqdm(total=len(items), initial=resume.next_index, unit="vol", desc=f"sharding ({pool.backend})",
                disable=not opts.progress, file=sys.stderr, smoothing=0.1)  # fmt: skip
+    loop_wall, loop_cpu = time.perf_counter(), time.process_time()
     try:
-        for result in _results(items, opts, pool, provenance, start=resume.next_index):
-            bar.update(1)
-            if isinstance(result, Prepared) and result.key in seen:
-                result = Rejected(
-                    result.index, result.info["source"], str(items[result.index].path),
-                    f"duplicate: same voxels as {seen[result.key]} (key {result.key})",
-                )  # fmt: skip
-            if isinstance(result, Rejected):
-                item = items[result.index]
-                rejects.append(_reject_line(result, len(item.paths) if isinstance(item, InputSeries) else 1))
-                journal.pending.append({"index": result.index, "reject": json.loads(rejects[-1])})
-                logger.info("rejected %s: %s", result.path, result.reason)
-                continue
-            seen[result.key] = result.info["source"]
-            info = result.info
+        with parent.active():
+            results = _results(items, opts, pool, provenance, start=resume.next_index, staging=staging)
+            while True:
+                with parent.time("wait"):  # for a worker (inline: preparing it here), and unpickling it
+                    result = next(results, None)
+                if result is None:
+                    break
+                bar.update(1)
+                if isinstance(result, Prepared):
+                    volumes.merge(result.seconds)
+                with parent.time("bookkeeping"):
+                    line = _take(result, items, seen, rejects, journal)
+                if line is None:
+                    if isinstance(result, Prepared) and result.staged:  # a duplicate: its files are not kept
+                        _remove(Path(result.staged))
+                    continue
+                with parent.time("write"):
+                    if store is not None and result.staged:
+                        name, size = store.add_staged(
+                            result.key, Path(result.staged), result.staged_files, result.staged_bytes
+                        )
+                        where = {"shard": name, "offset": 0, "size": size, "meta_offset": 0, "meta_size": 0}
+                        line = {"key": result.key, **where, **line, "format": "zarr"}
+                    elif store is not None:
+                        assert result.zarr_files is not None
+                        name, size = store.add(result.key, result.zarr_files)
+                        where = {"shard": name, "offset": 0, "size": size, "meta_offset": 0, "meta_size": 0}
+                        line = {"key": result.key, **where, **line, "format": "zarr"}
+                    else:
+                        closed = writer.closed
+                        image = Path(result.staged) if result.staged else result.image
+                        members: list[tuple[str, bytes | Path]] = [
+                            (IMAGE_SUFFIX, image),
+                            (META_SUFFIX, result.meta),
+                        ]
+                        offsets = writer.add(result.key, members)
+                        line = {"key": result.key, **_tar_fields(writer.current, offsets), **line}
+                if store is None and writer.closed != closed:
+                    # A shard was completed (and fsynced) before this volume: every earlier volume is final.
+                    journal.commit()
+                with parent.time("bookkeeping"):
+                    assert set(MANIFEST_KEYS) <= set(line)
+                    manifest.append(json.dumps(line))
+                    journal.pending.append({"index": result.index, "manifest": line, "shard": line["shard"]})
+                if store is not None and store.unsynced_bytes >= writer.max_bytes:
+                    with parent.time("fsync"):
+                        store.sync()  # a shard's worth of arrays is durable: journal them
+                    journal.commit()
+            writer.close()
             if store is not None:
-                line = _add_to_zarr(store, result)
-                manifest.append(json.dumps(line))
-                journal.pending.append({"index": result.index, "manifest": line, "shard": line["shard"]})
-                journal.commit()  # each array is complete once renamed
-                continue
-            closed = writer.closed
-            offsets = writer.add(result.key, [(IMAGE_SUFFIX, result.image), (META_SUFFIX, result.meta)])
-            if writer.closed != closed:
-                journal.commit()  # a shard was completed: every earlier volume is final
-            line = {
-                "key": result.key,
-                "shard": writer.current,
-                "offset": offsets[IMAGE_SUFFIX][0],
-                "size": offsets[IMAGE_SUFFIX][1],
-                "meta_offset": offsets[META_SUFFIX][0],
-                "meta_size": offsets[META_SUFFIX][1],
-                "shape": info["shape"],
-                "spacing": info["spacing"],
-                "modality": info["modality"],
-                "dtype": info["dtype"],
-                "split": info["split"],
-                "checksum": info["checksum"],
-                "source": info["source"],
-                "data_source": info["data_source"],
-                "license": info["license"],
-                "patient": info["patient"],
-                "files": info["files"],
-            }
-            assert set(MANIFEST_KEYS) <= set(line)
-            manifest.append(json.dumps(line))
-            journal.pending.append({"index": result.index, "manifest": line, "shard": writer.current})
-        writer.close()
-        if store is not None:
-            store.close()
-        journal.commit()
+                with parent.time("fsync"):
+                    store.sync()
+                store.close()
+            journal.commit()
     finally:
         bar.close()
         journal.close()
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    loop_wall, loop_cpu = time.perf_counter() - loop_wall, time.process_time() - loop_cpu
+    finish = time.perf_counter()
     declared = []
     for text in manifest:
         m = json.loads(text)
@@ -330,17 +397,29 @@ def _run(job: _Job, pool: Pool) -> Summary:
     summary.total_bytes = sum((output / s).stat().st_size for s in writer.shards)
     if store is not None:
         summary.total_bytes = sum(json.loads(m)["size"] for m in manifest)
-    summary.seconds = round(time.perf_counter() - start, 3)
     # Header-level DICOM rejects and ignored files come after the volumes, sorted, so that every file is listed.
     summary.rejected = len(rejects) + len(found.rejects)
     rejects += [_reject_line(r) for r in found.rejects]
     rejects += [_reject_line(r, ignored=True) for r in found.ignored]
-    try:
-        summary.qa_keys = write_qa_sheet(output, [json.loads(m) for m in manifest])
-        summary.qa_sheet = QA_NAME if summary.qa_keys else ""
-    except Exception as e:  # a picture that cannot be drawn must not cost the finished shards
-        logger.warning("could not draw the QA sheet %s: %s: %s", output / QA_NAME, type(e).__name__, e)
     write_atomic(output / REJECTS_NAME, "".join(r + "\n" for r in rejects))
+    job_watch.add("finish", time.perf_counter() - finish)
+    with job_watch.time("qa_sheet"):
+        try:
+            summary.qa_keys = write_qa_sheet(output, [json.loads(m) for m in manifest])
+            summary.qa_sheet = QA_NAME if summary.qa_keys else ""
+        except Exception as e:  # a picture that cannot be drawn must not cost the finished shards
+            logger.warning("could not draw the QA sheet %s: %s: %s", output / QA_NAME, type(e).__name__, e)
+    summary.seconds = round(time.perf_counter() - start, 3)
+    summary.timings = {
+        "job": job_watch.rounded(),
+        "volumes": volumes.rounded(),
+        "prepared": len(manifest) - len([e for e in resume.entries if e.get("manifest")]),
+        "parent": parent.rounded(),
+        "parent_cpu": round(loop_cpu, 4),
+        "loop": round(loop_wall, 4),
+        "backend": pool.backend,
+        "workers": pool.workers if pool.parallel else 1,
+    }
     write_atomic(output / SUMMARY_NAME, json.dumps(summary.to_dict(), indent=2, sort_keys=True) + "\n")
     write_atomic(output / MANIFEST_NAME, "".join(m + "\n" for m in manifest))  # last: marks the set complete
     (output / JOURNAL_NAME).unlink()
@@ -360,6 +439,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, type=Path, metavar="DIR", help="shard folder to write")
     p.add_argument("--format", default="webdataset", choices=["webdataset", "zarr"],
                    help="webdataset: tar shards; zarr: a Zarr v3 store with one chunked array per volume")  # fmt: skip
+    p.add_argument("--compression-level", type=int, default=DEFAULT_COMPRESSION_LEVEL, metavar="L",
+                   help=f"zstd level of the samples (Zarr: of the Blosc-zstd chunks), 1 to 9 (default: "
+                        f"{DEFAULT_COMPRESSION_LEVEL}); higher stores less and runs slower, any level reads the same")  # fmt: skip
     p.add_argument("--spacing", nargs=3, type=float, default=[1.0, 1.0, 1.0], metavar=("X", "Y", "Z"),
                    help="target voxel size in mm (default: 1 1 1)")  # fmt: skip
     p.add_argument("--modality", default="auto", choices=["auto", "ct", "mr"],
@@ -425,6 +507,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "series_gaps": args.series_gaps,
             "take_volume": args.take_volume,
             "format": args.format,
+            "compression_level": args.compression_level,
             "overwrite": args.overwrite,
             "progress": not args.no_progress,
         }

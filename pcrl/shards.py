@@ -30,10 +30,12 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where it is used: data_prep's parent process never needs it
+    import torch
 
 __all__ = [
     "CT_HU_RANGE",
@@ -51,10 +53,13 @@ __all__ = [
     "UNKNOWN",
     "ZSTD_LEVEL",
     "SampleRecord",
+    "compress_volume",
     "decode_volume",
     "encode_volume",
     "load_json",
     "middle_planes",
+    "npy_parts",
+    "npy_sha256",
     "provenance_text",
     "provenance_totals",
     "read_manifest",
@@ -181,22 +186,44 @@ def _zstd_bound(size: int) -> int:
     return size + (size >> 8) + margin + 64
 
 
-def encode_volume(array: np.ndarray) -> tuple[bytes, str]:
-    """Serialise a volume as zstd-compressed ``.npy`` bytes.
+def npy_parts(array: np.ndarray) -> tuple[bytes, memoryview]:
+    """The ``.npy`` (format 1.0) serialisation of ``array`` as its header and a view of its C-ordered voxel
+    bytes, without copying the voxels (a copy is made only when ``array`` is not C-contiguous)."""
+    array = np.ascontiguousarray(array)
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, np.lib.format.header_data_from_array_1_0(array))
+    return head.getvalue(), memoryview(array.reshape(-1).view(np.uint8))
+
+
+def npy_sha256(array: np.ndarray) -> str:
+    """Hex sha256 of the ``.npy`` bytes of ``array`` (dtype, shape and values): the sample key's source and
+    the checksum of a Zarr volume."""
+    head, data = npy_parts(array)
+    h = hashlib.sha256(head)
+    h.update(data)
+    return h.hexdigest()
+
+
+def compress_volume(array: np.ndarray, level: int = ZSTD_LEVEL) -> bytes:
+    """The zstd frame of the ``.npy`` bytes of ``array`` at ``level`` (any level decodes the same way), with
+    its content size declared (a reader refuses a frame that would inflate past the volume's size before
+    inflating it) and a frame checksum (xxhash64, nearly free: a flipped bit in a shard fails the decode)."""
+    import zstandard
+
+    head, data = npy_parts(array)
+    c = zstandard.ZstdCompressor(level=level, write_checksum=True).compressobj(size=len(head) + data.nbytes)
+    return c.compress(head) + c.compress(data) + c.flush()
+
+
+def encode_volume(array: np.ndarray, level: int = ZSTD_LEVEL) -> tuple[bytes, str]:
+    """Serialise a volume as zstd-compressed ``.npy`` bytes (:func:`compress_volume`).
 
     Returns:
         The compressed bytes and the sample key: the first 16 hex digits of the sha256 of the
-        *uncompressed* ``.npy`` bytes (dtype, shape and values), so the key does not depend on the zstd
-        version or level.
+        *uncompressed* ``.npy`` bytes (dtype, shape and values; :func:`npy_sha256`), so the key does not
+        depend on the zstd version or level.
     """
-    import zstandard
-
-    buf = io.BytesIO()
-    np.lib.format.write_array(buf, np.ascontiguousarray(array), version=(1, 0), allow_pickle=False)
-    raw = buf.getvalue()
-    key = hashlib.sha256(raw).hexdigest()[:16]
-    # The frame checksum (xxhash64, nearly free) makes a flipped bit in a shard fail the decode.
-    return zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).compress(raw), key
+    return compress_volume(array, level), npy_sha256(array)[:16]
 
 
 def decode_volume(data: bytes, shape: Sequence[int] | None = None, dtype: str | None = None) -> np.ndarray:
@@ -756,9 +783,7 @@ def _read_zarr(record: SampleRecord, verify: bool) -> tuple[np.ndarray, dict[str
             f"{record.dtype}{list(record.shape)}"
         )
     if verify:
-        buf = io.BytesIO()
-        np.lib.format.write_array(buf, np.ascontiguousarray(array), version=(1, 0), allow_pickle=False)
-        digest = "sha256:" + hashlib.sha256(buf.getvalue()).hexdigest()
+        digest = "sha256:" + npy_sha256(array)
         if digest != record.checksum:
             raise ValueError(
                 f"{record.shard}: checksum mismatch for volume {record.key} ({digest} != {record.checksum})"
@@ -817,9 +842,16 @@ def middle_planes(volume: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.nda
     Returns:
         (Y, X), (Z, X) and (Z, Y) arrays; row 0 is the top of the picture.
     """
-    v = np.asarray(volume, dtype=np.float32)
-    x, y, z = (s // 2 for s in v.shape)
-    return tuple(p.T[::-1, ::-1] for p in (v[:, :, z], v[:, y, :], v[x, :, :]))  # type: ignore[return-value]
+    x, y, z = (s // 2 for s in volume.shape)
+    # Sliced before conversion: three planes are converted to float32, not the whole volume.
+    planes = (volume[:, :, z], volume[:, y, :], volume[x, :, :])
+    return tuple(_float_plane(p).T[::-1, ::-1] for p in planes)  # type: ignore[return-value]
+
+
+def _float_plane(plane: Any) -> np.ndarray:
+    if hasattr(plane, "detach"):  # a torch tensor (any dtype or device)
+        plane = plane.detach().float().cpu().numpy()
+    return np.asarray(plane, dtype=np.float32)
 
 
 def to_unit_range(array: np.ndarray, modality: str, ct_window: Sequence[float]) -> torch.Tensor:
@@ -833,6 +865,8 @@ def to_unit_range(array: np.ndarray, modality: str, ct_window: Sequence[float]) 
     Returns:
         (X, Y, Z) float32 tensor in [0, 1].
     """
+    import torch
+
     t = torch.from_numpy(np.array(array, dtype=np.float32))  # a writable copy: the ops below are in place
     if modality == "ct":
         lo, hi = float(ct_window[0]), float(ct_window[1])

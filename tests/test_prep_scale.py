@@ -41,5 +41,10 @@ def test_pool_keeps_order_and_reports_a_dead_worker() -> None:
     naming the task (not a hang, and not a silent gap in the results)."""
     with Pool(workers=2) as pool:
         assert list(pool.map(_square_or_die, [(x,) for x in [5, 4, 2, 1, 0]], window=2)) == [25, 16, 4, 1, 0]
+    with Pool(workers=2) as pool:  # started in the background first: map waits for it, then runs as before
+        pool.start()
+        assert pool.wait_started() >= 0.0
+        assert pool.wait_started() == 0.0  # the second call has nothing to wait for
+        assert list(pool.map(_square_or_die, [(x,) for x in [6, 2]])) == [36, 4]
     with Pool(workers=2) as pool, pytest.raises(WorkerDied, match=r"died while working on \d"):
         list(pool.map(_square_or_die, [(x,) for x in range(6)]))
