@@ -4,9 +4,10 @@ with where the time goes.
 The baseline is what a script without pcrl would do, in one process: read each file with SimpleITK,
 resample it to the target spacing with linear interpolation (``sitk.Resample``, on every core), ``np.save``
 it. It does no reorientation, intensity policy, validation, compression, checksums, fsync, manifest or
-resume bookkeeping, so it is a floor on the work, not an equal. pcrl's prep runs through
-:func:`data_prep.shard.shard_volumes` with 1 worker (in the calling process) and 2 worker processes, in
-WebDataset and Zarr formats.
+resume bookkeeping, so it is a floor on the work, not an equal. pcrl's prep runs as ``python -m
+data_prep.shard`` with 1 worker (in its own process) and 2 worker processes, in WebDataset and Zarr formats.
+Every variant is a program of its own, as a user runs it (interpreter start, imports and the start of the
+workers included), writing into a new folder.
 
     python bench/prep.py                      # 20 crops of each of the five pyradiomics volumes (100), 1 mm
     python bench/prep.py --copies 4 --json    # 20 volumes, the report as JSON

@@ -8,8 +8,9 @@ holds one volume at a time). Both DICOM header reading and volume preparation go
 Ray (``--ray ADDRESS``): ``local`` starts a private Ray instance on this machine with ``--workers`` CPUs
 and stops it at the end; ``auto`` or ``ray://host:10001`` / ``host:6379`` joins a running cluster, whose
 CPUs set the number of tasks in flight. On a cluster the input paths must be readable from every node
-(a shared file system) and ``pcrl`` installed in the nodes' Python; the output is written by this process
-only. Ray gives each one-CPU task ``OMP_NUM_THREADS=1``, as the local pool does with ``torch.set_num_threads``.
+(a shared file system) and ``pcrl`` installed in the nodes' Python; the output is assembled by this process
+only (local workers stage their results beside it, :attr:`Pool.shares_disk`). Ray gives each one-CPU task
+``OMP_NUM_THREADS=1``, as the local pool does with ``torch.set_num_threads``.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ Usage::
 
     python -m data_prep.shard --input RAW [RAW ...] --output SHARDS [--spacing 1 1 1] [--modality auto]
         [--shard-size-mb 256] [--split train=0.9,val=0.1] [--workers N | --ray ADDRESS] [--crop-body]
-        [--format webdataset|zarr] [--exclude GLOB ...] [--max-voxels N] [--source NAME] [--license ID]
+        [--format webdataset|zarr] [--compression-level 1] [--exclude GLOB ...] [--max-voxels N]
+        [--source NAME] [--license ID]
 
 Each input file goes through: read (:mod:`data_prep.readers`) → canonical RAS+ → linear resampling to the
 target spacing → intensity policy (CT: int16 HU clipped to [-1024, 3071]; MR: float16, percentiles
@@ -17,14 +18,18 @@ target spacing → intensity policy (CT: int16 HU clipped to [-1024, 3071]; MR: 
 (:mod:`data_prep.qa`) shows a sample of the accepted volumes for a check by eye.
 
 Volumes and DICOM headers are prepared by :class:`data_prep.pool.Pool`: this process, local worker
-processes, or Ray tasks. The output is byte-for-byte deterministic for any ``--workers`` and back end: inputs are sorted, workers only prepare
-samples, and the parent writes them in input order into tars with fixed metadata (mtime 0, uid/gid 0).
+processes, or Ray tasks. The output is byte-for-byte deterministic for any ``--workers`` and back end: inputs
+are sorted, workers only prepare samples (local ones write them into ``prepared.tmp/``, see
+:func:`~data_prep.prepare.prepare_volume`), and the parent puts them in input order into tars with fixed
+metadata (mtime 0, uid/gid 0) or into the Zarr store. Where the time goes is in ``summary.json``
+(``timings``, :mod:`data_prep.timing`).
 Keys are the first 16 hex digits of the sha256 of the uncompressed ``.npy`` bytes (see
 :func:`pcrl.shards.encode_volume`); two inputs with identical content are one volume (the second is rejected
 as a duplicate). Files appear under temporary names and are renamed when complete; the manifest is
 written last, so a folder with a manifest is a complete shard set. ``summary.json`` records a fingerprint of
 the inputs and options: a re-run of the same job writes nothing, and a killed job resumes from
-``journal.jsonl``, whose entries are flushed only when the shard (or Zarr array) holding them is complete.
+``journal.jsonl``, whose entries are flushed only when the shard (or batch of Zarr arrays) holding them is
+complete and fsynced.
 
 The stages live in :mod:`data_prep.discover` (finding volumes and DICOM series), :mod:`data_prep.prepare`
 (one volume, in the workers) and :mod:`data_prep.writer` (shards, journal, resume, ``summary.json``); this

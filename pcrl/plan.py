@@ -63,27 +63,28 @@ class Rate:
 # Bytes per stored voxel: data_prep writes CT as int16 HU and MR as float16 in [0, 1].
 STORED_BYTES: dict[str, int] = {"ct": 2, "mr": 2}
 
-# Compressed shard bytes / raw stored bytes, per modality: data_prep.shard (WebDataset, zstd) on the five
-# pyradiomics sample volumes at 1 mm (4 accepted: two lung CTs 0.391 and 0.400, two brain MRs 0.741 and 0.761).
+# Compressed shard bytes / raw stored bytes, per modality: data_prep.shard (WebDataset, zstd level 1, the default)
+# on the five pyradiomics sample volumes at 1 mm (4 accepted: two lung CTs 0.473 and 0.489, two brain MRs 0.794
+# and 0.812). --compression-level 3 stores about 0.40 and 0.76 (docs/benchmarks.md#data-preparation).
 COMPRESSION: dict[str, Rate] = {
     "ct": Rate(
-        0.40, "compressed/raw bytes", "2026-12-04",
-        "python -m data_prep.shard on the pyradiomics lung CTs (1 mm, WebDataset), cpu-avx512",
+        0.49, "compressed/raw bytes", "2026-12-04",
+        "python -m data_prep.shard on the pyradiomics lung CTs (1 mm, WebDataset, level 1), cpu-zen4",
     ),
     "mr": Rate(
-        0.76, "compressed/raw bytes", "2026-12-04",
-        "python -m data_prep.shard on the pyradiomics brain MRs (1 mm, WebDataset), cpu-avx512",
+        0.81, "compressed/raw bytes", "2026-12-04",
+        "python -m data_prep.shard on the pyradiomics brain MRs (1 mm, WebDataset, level 1), cpu-zen4",
     ),
 }  # fmt: skip
 
 # CPU time of data_prep.shard per million output voxels (read, reorient, resample to 1 mm, intensity policy,
-# compress, write), one worker.
+# compress, write, and the job's QA sheet), one worker.
 INGEST_CORE_S_PER_MVOX = Rate(
-    0.073,
+    0.068,
     "core-seconds per output Mvoxel",
     "2026-12-04",
-    "data_prep.shard of the pyradiomics brain1 (MR) and lung1 (CT) with one worker, cpu-avx512 "
-    "(launch/plan.py --calibrate)",
+    "data_prep.shard of the pyradiomics brain1 (MR) and lung1 (CT) with one worker, cpu-zen4 "
+    "(launch/plan.py --calibrate; 0.063 and 0.068 in two runs)",
 )
 
 
