@@ -137,36 +137,57 @@ class StopSignals:
 
 
 class FiniteGuard:
-    """Whether the losses of the current optimizer step are finite on every rank, decided once per step, just
-    before the update.
+    """Whether the losses of the current optimizer step are finite on every rank, and whether a stop signal
+    reached any rank, decided together once per step, just before the update.
 
     ``add`` sums a micro-batch's loss on the device (no host sync); the sum is non-finite as soon as one loss
-    is. ``check`` reduces it over ranks and reads it: the one host sync of a training step. It comes after
-    backward has been queued, so a GPU keeps working while the host waits, and before ``engine.step()``
-    applies the update.
+    is. ``check`` reduces it over ranks, with each rank's stop flag beside it, and reads both: the one host
+    sync and the one collective of a training step. It comes after backward has been queued, so a GPU keeps
+    working while the host waits, and before ``engine.step()`` applies the update.
+
+    Args:
+        device: where the losses are.
+        stop_requested: whether this rank has received a stop signal (read at each ``check``).
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, stop_requested: Callable[[], bool] = lambda: False) -> None:
         self._total = torch.zeros(1, device=device)
+        self._stop_requested = stop_requested
+        self.checked_step = -1
+        """The last step ``check`` decided (-1: none yet)."""
+        self.stop = False
+        """Whether a stop signal had reached any rank at that step's check."""
 
     def add(self, loss: torch.Tensor) -> None:
         """Add a micro-batch's loss (0-dim)."""
         self._total += loss.detach().float()
 
     def check(self, step: int) -> None:
-        """Raise if any micro-batch of this step, on any rank, had a non-finite loss; then start a new step.
+        """Raise if any micro-batch of this step, on any rank, had a non-finite loss; record whether any rank
+        was asked to stop (:attr:`stop`); then start a new step.
 
         Raises:
             NonFiniteLossError: naming ``step + 1``, before the optimizer update.
         """
-        (total,) = distributed.reduce_to_host(self._total)
+        flag = torch.tensor([1.0 if self._stop_requested() else 0.0]).to(
+            self._total.device, non_blocking=True
+        )
+        total, stops = distributed.reduce_to_host(torch.cat([self._total, flag]))
         self._total.zero_()
+        self.checked_step, self.stop = step, stops > 0
         if not math.isfinite(total):
             raise NonFiniteLossError(
                 f"the loss became non-finite ({total}) at step {step + 1}; stopping before the optimizer "
                 "update. Lower optim.lr, use engine.precision=fp32, check the input volumes, or allow a few "
                 "skipped steps with train.max_nonfinite_skips"
             )
+
+    def stop_at(self, step: int) -> bool:
+        """Whether any rank was asked to stop by ``step``'s check; a collective of its own where that step had
+        no check (its last micro-batch was skipped as non-finite)."""
+        if self.checked_step == step:
+            return self.stop
+        return distributed.any_rank(self._stop_requested())
 
 
 def compile_model(model: torch.nn.Module, backend: str = "inductor") -> None:
@@ -341,7 +362,7 @@ def _train(cfg: PretrainConfig, reporter: Reporter | None, stop: StopSignals) ->
         state = resume_training(engine, run_dir, resume_tag, generator)
         _check_resume(cfg, loader, state, resume_tag)
     window = MetricWindow(LOSS_TERMS, accum, state.window, device=engine.device)
-    guard = FiniteGuard(engine.device)
+    guard = FiniteGuard(engine.device, lambda: stop.received is not None)
     keys = (
         SampleKeyLog(run_dir, rank, state.step if resume_tag else None) if cfg.tracking.sample_keys else None
     )
@@ -429,8 +450,9 @@ def _train(cfg: PretrainConfig, reporter: Reporter | None, stop: StopSignals) ->
                 if image is not None:
                     tracker.log_artifact(image, "images")
 
-            # One small all-reduce per step, so a signal that reached one rank stops them all together.
-            preempted = step < max_steps and distributed.any_rank(stop.received is not None)
+            # Decided with the step's non-finite check (one collective per step), so a signal that reached one
+            # rank stops them all together, at the same step.
+            preempted = step < max_steps and guard.stop_at(step - 1)
             every = cfg.train.checkpoint_every
             if preempted or step == max_steps or (every and step % every == 0):
                 state.run_id = tracker.run_id

@@ -14,7 +14,7 @@ import torch
 from runs import TINY
 from torch.overrides import TorchFunctionMode
 
-from pcrl import engine
+from pcrl import distributed, engine
 from pcrl.config import load_config
 from pcrl.distributed import free_port
 from pcrl.engine import compile_model, compiled_graphs, configure_logging, resolve_auto, train
@@ -153,8 +153,28 @@ def test_train_reads_the_device_once_per_step_and_at_log_steps(
         ],
     )
     configure_logging()
+    # The stop-signal vote rides on the non-finite check's all-reduce: no second collective per step.
+    votes: list[bool] = []
+    monkeypatch.setattr(distributed, "any_rank", lambda flag: votes.append(flag) or bool(flag))
     reads = HostReads()
     with reads:
         metrics = train(cfg)
     assert metrics["loss/total"] == metrics["loss/total"]  # logged and finite
     assert dict(reads.sites) == {"engine.py:check": 6, "metrics.py:loss_means": 2, "metrics.py:state_dict": 1}
+    assert votes == []
+
+
+def test_finite_guard_carries_the_stop_vote() -> None:
+    """The guard reads this rank's stop flag at each check and reports it for that step; a step without a
+    check (its last micro-batch skipped) falls back to a vote of its own."""
+    asked = [False]
+    guard = engine.FiniteGuard(torch.device("cpu"), lambda: asked[0])
+    guard.add(torch.tensor(1.5))
+    guard.check(0)
+    assert guard.stop_at(0) is False
+    asked[0] = True
+    guard.check(1)
+    assert guard.stop_at(1) is True and guard.stop_at(2) is True  # step 2: no check, asked directly
+    guard.add(torch.tensor(float("nan")))
+    with pytest.raises(engine.NonFiniteLossError, match="step 4"):
+        guard.check(3)
