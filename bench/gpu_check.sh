@@ -4,10 +4,13 @@
 #           pcrl's torch renderer on one CPU core of the same machine), and the torch renderer from a whole
 #           volume already on the GPU, one sample per call
 #   train   bf16 training throughput, MFU and peak memory of the full PCRLv2 objective at the paper's size
-#           and micro-batch 8-32, fp32 at micro-batch 8 as the baseline, with and without channels-last
+#           and micro-batch 8-32, fp32 at micro-batch 8 as the baseline, with and without channels-last, and
+#           compiled (bf16 + channels-last + torch.compile of the U-Net, against the same uncompiled) at 32
 #   engine  the real engine (launch/pretrain.py, base.yaml, bf16 + channels-last, loader workers on the CPU)
-#           with the torch and the DALI renderer: samples/s and data-wait fraction; then fp16 through
-#           DeepSpeed's loss scaling (needs DeepSpeed; skipped without it; ENGINE_RUNS="torch dali fp16" picks)
+#           with the torch and the DALI renderer: samples/s and data-wait fraction; compiled at micro-batch
+#           32 against the same uncompiled (the bench's train_b32_compile setting); then fp16 through
+#           DeepSpeed's loss scaling (needs DeepSpeed; skipped without it; ENGINE_RUNS="torch dali compile fp16"
+#           picks)
 #   evidence  does pretraining help at the paper's width? bench/probe.py (PCRLv2 against random
 #           initialisations and the restoration-only ablation on the AAL task) on the GPU, with the CPU
 #           recipe's views at base width 32; needs the sample volumes in .cache/samples (the GPU machine has no
@@ -127,10 +130,12 @@ PYEOF
     run train_b8 150 $PY "${COMMON[@]}" --batch 8 --variants fp32 bf16 bf16-cl
     run train_b16 90 $PY "${COMMON[@]}" --batch 16 --variants bf16 bf16-cl
     run train_b32 90 $PY "${COMMON[@]}" --batch 32 --variants bf16 bf16-cl
+    # inductor compiles the U-Net's three graphs during the warm-up steps (a minute or two on first use)
+    run train_b32_compile 240 $PY "${COMMON[@]}" --batch 32 --warmup 5 --variants bf16-cl bf16-cl-compile
     ;;
   engine)
     if ! $PY -c "import deepspeed" 2>/dev/null; then echo "== engine skipped: DeepSpeed is not installed"; continue; fi
-    for run_name in ${ENGINE_RUNS:-torch dali fp16}; do
+    for run_name in ${ENGINE_RUNS:-torch dali compile fp16}; do
       case $run_name in
       torch) engine torch 150 train.max_steps=60 train.micro_batch_size=16 views.backend=torch ;;
       dali)
@@ -139,6 +144,9 @@ PYEOF
         else
           echo "== engine dali skipped: NVIDIA DALI is not installed"
         fi ;;
+      compile)  # the engine at the bench's compiled setting, and the same without compile, in one go
+        engine eager32 120 train.max_steps=60 train.micro_batch_size=32 views.backend=torch
+        engine compile32 240 train.max_steps=80 train.micro_batch_size=32 views.backend=torch engine.compile=true ;;
       # fp16 (CPU runs refuse it): optim/loss_scale and optim/skipped_steps show the scaler backing off
       fp16) engine fp16 120 train.max_steps=40 train.micro_batch_size=8 engine.precision=fp16 ;;
       esac
