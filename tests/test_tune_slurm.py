@@ -44,6 +44,15 @@ def _marked(mark: str) -> dict[int, str]:
     return found
 
 
+def _parent(pid: int) -> int:
+    """The parent PID of ``pid`` (0 when it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    return int(stat.rsplit(")", 1)[1].split()[1])  # after "pid (comm) state": the fields can hold spaces
+
+
 def test_tune_sbatch_two_nodes(slurm: SlurmCluster, sample_shards: Path, tmp_path: Path) -> None:
     """sbatch tune.sbatch on n1 and n2: one Ray node per Slurm node (two raylets seen while it runs), both
     trials finish, best.yaml is written, MLflow holds the parent run and both child runs, and once the job
@@ -88,7 +97,12 @@ def test_tune_sbatch_two_nodes(slurm: SlurmCluster, sample_shards: Path, tmp_pat
         assert job.isdigit(), (job, proc.stderr.read() if proc.stderr else "")
         raylets: set[int] = set()
         while proc.poll() is None:
-            raylets |= {pid for pid, cmd in _marked(mark).items() if "/raylet" in cmd.split(" ", 1)[0]}
+            marked = _marked(mark)
+            is_raylet = {pid: "/raylet" in cmd.split(" ", 1)[0] for pid, cmd in marked.items()}
+            # A raylet's child between fork and exec still shows the raylet's command line: not a raylet.
+            raylets |= {
+                pid for pid, yes in is_raylet.items() if yes and not is_raylet.get(_parent(pid), False)
+            }
             time.sleep(1)
         assert wait_job(slurm, job, proc, log) == 0, log.read_text()[-6000:]
         out = log.read_text()
