@@ -259,10 +259,22 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _tar_fields(shard: str, offsets: Mapping[str, tuple[int, int]]) -> dict[str, Any]:
-    """Where a sample's two members are in its tar shard."""
+def _place(result: Prepared, writer: ShardWriter, store: ZarrWriter | None) -> dict[str, Any]:
+    """Put a prepared volume into its tar shard or the Zarr store (moving what a worker staged, or writing the
+    bytes it sent); where it is, for its manifest line."""
+    if store is not None:
+        if result.staged:
+            name, size = store.add_staged(
+                result.key, Path(result.staged), result.staged_files, result.staged_bytes
+            )
+        else:
+            assert result.zarr_files is not None
+            name, size = store.add(result.key, result.zarr_files)
+        return {"shard": name, "offset": 0, "size": size, "meta_offset": 0, "meta_size": 0}
+    image = Path(result.staged) if result.staged else result.image
+    offsets = writer.add(result.key, [(IMAGE_SUFFIX, image), (META_SUFFIX, result.meta)])
     return {
-        "shard": shard, "offset": offsets[IMAGE_SUFFIX][0], "size": offsets[IMAGE_SUFFIX][1],
+        "shard": writer.current, "offset": offsets[IMAGE_SUFFIX][0], "size": offsets[IMAGE_SUFFIX][1],
         "meta_offset": offsets[META_SUFFIX][0], "meta_size": offsets[META_SUFFIX][1],
     }  # fmt: skip
 
@@ -343,28 +355,12 @@ def _run(job: _Job, pool: Pool) -> Summary:
                     if isinstance(result, Prepared) and result.staged:  # a duplicate: its files are not kept
                         _remove(Path(result.staged))
                     continue
+                closed = writer.closed
                 with parent.time("write"):
-                    if store is not None and result.staged:
-                        name, size = store.add_staged(
-                            result.key, Path(result.staged), result.staged_files, result.staged_bytes
-                        )
-                        where = {"shard": name, "offset": 0, "size": size, "meta_offset": 0, "meta_size": 0}
-                        line = {"key": result.key, **where, **line, "format": "zarr"}
-                    elif store is not None:
-                        assert result.zarr_files is not None
-                        name, size = store.add(result.key, result.zarr_files)
-                        where = {"shard": name, "offset": 0, "size": size, "meta_offset": 0, "meta_size": 0}
-                        line = {"key": result.key, **where, **line, "format": "zarr"}
-                    else:
-                        closed = writer.closed
-                        image = Path(result.staged) if result.staged else result.image
-                        members: list[tuple[str, bytes | Path]] = [
-                            (IMAGE_SUFFIX, image),
-                            (META_SUFFIX, result.meta),
-                        ]
-                        offsets = writer.add(result.key, members)
-                        line = {"key": result.key, **_tar_fields(writer.current, offsets), **line}
-                if store is None and writer.closed != closed:
+                    line = {"key": result.key, **_place(result, writer, store), **line}
+                if store is not None:
+                    line["format"] = "zarr"
+                if writer.closed != closed:
                     # A shard was completed (and fsynced) before this volume: every earlier volume is final.
                     journal.commit()
                 with parent.time("bookkeeping"):
