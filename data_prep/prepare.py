@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -303,13 +302,7 @@ def _stage(prepared: Prepared, target: Path) -> None:
             if path.parent not in folders:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 folders.add(path.parent)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-            finally:
-                os.close(fd)
+            path.write_bytes(data)
         prepared.staged_bytes = sum(len(data) for data in prepared.zarr_files.values())
         prepared.staged_files = tuple(prepared.zarr_files)
         prepared.zarr_files = None
