@@ -28,7 +28,7 @@ from data_prep.options import ShardOptions
 from data_prep.provenance import Provenance
 from data_prep.readers import RawVolume, RejectedInput, check_voxels, load_volume, volume_suffix
 from data_prep.timing import Stopwatch
-from data_prep.zarr_writer import encode_array
+from data_prep.zarr_writer import encode_array, write_array_files
 from pcrl.shards import CT_HU_RANGE, PROVENANCE_KEYS, compress_volume, npy_sha256
 
 __all__ = [
@@ -296,14 +296,7 @@ def prepare_volume(
 def _stage(prepared: Prepared, target: Path) -> None:
     """Write the image (or the Zarr array's files) of ``prepared`` to ``target`` and drop the bytes."""
     if prepared.zarr_files is not None:
-        folders: set[Path] = set()
-        for name, data in prepared.zarr_files.items():
-            path = target / name
-            if path.parent not in folders:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                folders.add(path.parent)
-            path.write_bytes(data)
-        prepared.staged_bytes = sum(len(data) for data in prepared.zarr_files.values())
+        prepared.staged_bytes = write_array_files(target, prepared.zarr_files)
         prepared.staged_files = tuple(prepared.zarr_files)
         prepared.zarr_files = None
     else:

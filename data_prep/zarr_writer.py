@@ -17,14 +17,14 @@ import os
 import shutil
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
 from pcrl.io import fsync_dir
 
-__all__ = ["CHUNK", "STORE_NAME", "ZarrWriter", "encode_array"]
+__all__ = ["CHUNK", "STORE_NAME", "ZarrWriter", "encode_array", "write_array_files"]
 
 STORE_NAME = "volumes.zarr"
 CHUNK = (64, 64, 64)
@@ -83,6 +83,25 @@ def encode_array(array: np.ndarray, meta: Mapping[str, Any], level: int = 1) -> 
     return dict(sorted(out.items()))
 
 
+def write_array_files(folder: Path, files: Mapping[str, bytes]) -> int:
+    """Write the files of one array (from :func:`encode_array`) under ``folder``; the bytes written.
+
+    Raises:
+        ValueError: a file name that is absolute or climbs out of ``folder`` (``..``).
+    """
+    made: set[Path] = set()
+    for name, data in files.items():
+        relative = PurePosixPath(name)
+        if relative.is_absolute() or ".." in relative.parts:
+            raise ValueError(f"Zarr array {folder.name}: file name {name!r} leaves the array folder")
+        path = folder / relative
+        if path.parent not in made:  # one mkdir per chunk folder, not per chunk
+            path.parent.mkdir(parents=True, exist_ok=True)
+            made.add(path.parent)
+        path.write_bytes(data)
+    return sum(len(data) for data in files.values())
+
+
 class ZarrWriter:
     """Adds volumes to ``<output>/volumes.zarr``; every :meth:`add` is complete on disk when it returns (a
     killed job never leaves a half-written array in the group), and durable after the next :meth:`sync`."""
@@ -102,29 +121,12 @@ class ZarrWriter:
         self._syncer: ThreadPoolExecutor | None = None
 
     def add(self, key: str, files: Mapping[str, bytes]) -> tuple[str, int]:
-        """Write the files of array ``key`` (from :func:`encode_array`). Returns its manifest ``shard`` and
-        bytes on disk."""
+        """Write the files of array ``key`` (from :func:`encode_array`, sent by a worker that could not stage
+        them). Returns its manifest ``shard`` and bytes on disk."""
         tmp = self.staging / key
         shutil.rmtree(tmp, ignore_errors=True)
-        folders = {tmp}
-        for name, data in files.items():
-            path = tmp / name
-            if not path.resolve().is_relative_to(tmp.resolve()):
-                raise ValueError(f"Zarr array {key}: file name {name!r} leaves the array folder")
-            if path.parent not in folders:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                folders.update(path.parents)
-            path.write_bytes(data)
-        target = self.root / key
-        if target.exists():  # renamed by a killed run after its journal's last line: same key, same bytes
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-        size = sum(len(data) for data in files.values())
-        self.total_bytes += size
-        self.unsynced_bytes += size
-        self._unsynced += [target / name for name in files]
-        self._unsynced += [target / f.relative_to(tmp) for f in folders if f.is_relative_to(tmp)]
-        return f"{STORE_NAME}/{key}", size
+        size = write_array_files(tmp, files)
+        return self.add_staged(key, tmp, tuple(files), size)
 
     def add_staged(self, key: str, folder: Path, names: Sequence[str], size: int) -> tuple[str, int]:
         """Move array ``key``, written by a worker into ``folder`` (files ``names``, ``size`` bytes in all),

@@ -216,3 +216,16 @@ def test_bench_prep_reports_every_stage(tmp_path: Path) -> None:
     assert pcrl["accepted"] == 4 and set(pcrl["worker_ms_per_volume"]) == set(VOLUME_STAGES)
     assert set(pcrl["fixed_s"]) == {*JOB_STAGES, "other"} and pcrl["parent_serial_ms_per_volume"] > 0
     assert pcrl["ratio_to_naive"] > 0 and pcrl["ratio_to_naive_per_volume"] > 0
+
+
+def test_write_array_files_writes_inside_its_folder_only(tmp_path: Path) -> None:
+    """One writer of an array's files, for workers that stage and for the parent: nested chunk folders are
+    made, the bytes counted, and a name that leaves the folder is refused before anything is written."""
+    from data_prep.zarr_writer import write_array_files
+
+    assert write_array_files(tmp_path / "a", {"zarr.json": b"{}", "c/0/0/1": b"xyz"}) == 5
+    assert (tmp_path / "a" / "c" / "0" / "0" / "1").read_bytes() == b"xyz"
+    for name in ("../escape", "/abs", "c/../../escape"):
+        with pytest.raises(ValueError, match="leaves the array folder"):
+            write_array_files(tmp_path / "b", {name: b"x"})
+    assert not (tmp_path / "escape").exists()
